@@ -1,0 +1,32 @@
+# Two entry points (README): `make demo` and `make test`. Both build .venv from scratch when
+# pyproject.toml changed, so they work from a fresh clone with only Python 3.11 present.
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV ?= .venv
+BIN := $(abspath $(VENV))/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: setup demo test bench lint clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+demo: setup
+	PATH="$(BIN):$$PATH" $(BIN)/dvc repro
+
+test: setup
+	$(BIN)/ruff check .
+	$(BIN)/python -m pytest
+
+bench: setup
+	PATH="$(BIN):$$PATH" $(BIN)/python benchmarks/prepare_throughput.py
+
+lint: setup
+	$(BIN)/ruff check .
+
+clean:
+	rm -rf $(VENV) data/raw data/prepared

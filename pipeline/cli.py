@@ -1,0 +1,126 @@
+"""The `pipeline` command: one sub-command per DVC stage (prepare -> extract -> fit -> report).
+
+Every option left out falls back to params.yaml, so `dvc repro` and a hand-typed command run
+the same configuration.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from pipeline.params import ParamsError, load_params
+
+app = typer.Typer(
+    help="Multi-task ECG analysis with an ensemble of frozen foundation models.\n\n"
+         "Stages: synth (demo data) -> prepare -> extract -> fit-ensemble -> report. "
+         "Options you leave out are read from params.yaml (see README).",
+    no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
+)
+
+ParamsOption = Annotated[Path, typer.Option("--params", help="params.yaml to read defaults from.")]
+
+
+def _fail(message: str) -> None:
+    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
+    raise typer.Exit(1)
+
+
+def _params(path: Path):
+    try:
+        return load_params(path)
+    except ParamsError as err:
+        _fail(str(err))
+
+
+@app.command()
+def synth(
+    out: Annotated[Path | None, typer.Option(help="Folder to write the cohort to "
+                                             "(replaced atomically).")] = None,
+    n: Annotated[int | None, typer.Option(help="Number of ECGs.")] = None,
+    seed: Annotated[int | None, typer.Option(help="Random seed; same seed, same files.")] = None,
+    workers: Annotated[int, typer.Option(help="Local dask worker processes (0: in-process).")] = 0,
+    params: ParamsOption = Path("params.yaml"),
+) -> None:
+    """Write a synthetic cohort in the MIMIC-IV-ECG layout, for the demo and tests.
+
+    Writes WFDB files, record_list.csv, machine_measurements.csv, hosp/patients.csv and
+    hosp/labevents.csv, plus truth.csv: the labels the generator intended.
+    """
+    from stages.prepare.synthetic.cohort import write_cohort
+
+    p = _params(params).synth
+    out, n, seed = out or Path(p.out), n or p.n, p.seed if seed is None else seed
+    truth = write_cohort(out, n=n, seed=seed, workers=workers)
+    typer.echo(f"wrote {len(truth)} ECGs of {truth['subject_id'].nunique()} subjects to {out}")
+
+
+@app.command()
+def prepare(
+    source: Annotated[str | None, typer.Option(help="Source adapter, e.g. mimic-iv-ecg, "
+                                               "synthetic (default: params data.source).")] = None,
+    root: Annotated[Path | None, typer.Option(help="Folder of the archive.")] = None,
+    labels: Annotated[Path | None, typer.Option(help="Extra label tables (for mimic-iv-ecg: "
+                                                "the MIMIC-IV folder holding hosp/).")] = None,
+    out: Annotated[Path | None, typer.Option(help="Output folder for cohort.parquet and "
+                                             "signals.h5 (replaced atomically).")] = None,
+    workers: Annotated[int | None, typer.Option(help="Local dask worker processes "
+                                                "(0: in-process).")] = None,
+    scheduler: Annotated[str | None, typer.Option(help="Address of a dask.distributed "
+                                                  "scheduler; workers must see --root.")] = None,
+    params: ParamsOption = Path("params.yaml"),
+) -> None:
+    """Read an archive into one labelled, subject-split cohort and one signal store.
+
+    Writes OUT/cohort.parquet, OUT/signals.h5 (N x 12 x L, mV, standard lead order),
+    OUT/prepare_summary.json and OUT/skipped.csv. Bad records are repaired or skipped with
+    a reason; an interrupted run leaves OUT as it was.
+    """
+    from stages.prepare.records import RecordError
+    from stages.prepare.run import prepare as run_prepare
+    from stages.prepare.sources import SourceError
+    from stages.prepare.summary import print_summary
+
+    cfg = _params(params)
+    step = cfg.prepare
+    if workers is not None:
+        step.workers = workers
+    try:
+        summary = run_prepare(
+            source or cfg.data.source, root or Path(cfg.data.root), out or Path(step.out), step,
+            labels=labels or (Path(cfg.data.labels) if cfg.data.labels else None),
+            scheduler=scheduler,
+        )
+    except (SourceError, RecordError, ValueError) as err:
+        _fail(str(err))
+    print_summary(summary)
+
+
+def _not_yet(stage: str) -> None:
+    typer.secho(f"`pipeline {stage}` is not available yet in this version.", err=True)
+    raise typer.Exit(2)
+
+
+@app.command()
+def extract() -> None:
+    """Cache a frozen backbone's features in cache/<backbone>.zarr (not available yet)."""
+    _not_yet("extract")
+
+
+@app.command("fit-ensemble")
+def fit_ensemble() -> None:
+    """Train LoRA heads and the MoE gate from cached features (not available yet)."""
+    _not_yet("fit-ensemble")
+
+
+@app.command()
+def report() -> None:
+    """Summarise metrics of all tasks into reports/ (not available yet)."""
+    _not_yet("report")
+
+
+def main() -> None:
+    sys.exit(app())

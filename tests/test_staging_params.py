@@ -1,0 +1,39 @@
+import pytest
+
+from pipeline.params import ParamsError, load_params
+from pipeline.staging import staged_dir
+
+
+def test_staged_dir_publishes_only_on_success(tmp_path):
+    out = tmp_path / "out"
+    with staged_dir(out) as tmp:
+        (tmp / "a.txt").write_text("1")
+        assert not out.exists()
+    assert (out / "a.txt").read_text() == "1"
+    with pytest.raises(RuntimeError), staged_dir(out) as tmp:
+        (tmp / "a.txt").write_text("2")
+        raise RuntimeError("boom")
+    assert (out / "a.txt").read_text() == "1"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_stale_staging_folders_are_cleared(tmp_path):
+    stale = tmp_path / ".out.tmp-123-deadbeef"
+    stale.mkdir()
+    with staged_dir(tmp_path / "out"):
+        pass
+    assert not stale.exists()
+
+
+def test_params_defaults_and_errors(tmp_path):
+    assert load_params(tmp_path / "absent.yaml").prepare.fs == 500
+    path = tmp_path / "params.yaml"
+    path.write_text("prepare:\n  fs: 250\n  split: [0.8, 0.1, 0.1]\n")
+    params = load_params(path)
+    assert params.prepare.fs == 250 and params.prepare.split == (0.8, 0.1, 0.1)
+    path.write_text("prepare:\n  fz: 250\n")
+    with pytest.raises(ParamsError, match="unknown key.*fz"):
+        load_params(path)
+    path.write_text("tasks: [rr, height]\n")
+    with pytest.raises(ParamsError, match="unknown task.*height"):
+        load_params(path)
