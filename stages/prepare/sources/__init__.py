@@ -7,20 +7,16 @@ format is one new module in this package that decorates its class with ``@regist
 
 from __future__ import annotations
 
-import importlib
-import pkgutil
-from collections.abc import Callable
+import abc
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
 
+from pipeline.registry import Registry
 from stages.prepare.records import RawRecord
 
 CATALOG_COLUMNS = ("record_id", "subject_id", "locator", "rr", "age", "sex", "ka", "ad_statement")
-
-_REGISTRY: dict[str, type[Source]] = {}
-
 
 class SourceError(RuntimeError):
     """The archive as a whole cannot be read (wrong root, missing or malformed tables)."""
@@ -34,7 +30,7 @@ class Catalog:
     notes: list[str] = field(default_factory=list)
 
 
-class Source:
+class Source(abc.ABC):
     """Base of all adapters: holds where the archive is; subclasses read it."""
 
     name: str = ""
@@ -45,33 +41,18 @@ class Source:
         if not self.root.is_dir():
             raise SourceError(f"{self.name}: root folder {self.root} does not exist")
 
+    @abc.abstractmethod
     def catalog(self) -> Catalog:
-        raise NotImplementedError  # every registered subclass implements it
+        """Every record of the archive with the labels it can derive."""
 
+    @abc.abstractmethod
     def load(self, locator: str) -> RawRecord:
-        raise NotImplementedError  # every registered subclass implements it
+        """One record's signal; raise RecordError with a reason when it cannot be used."""
 
 
-def register(name: str) -> Callable[[type[Source]], type[Source]]:
-    def decorate(cls: type[Source]) -> type[Source]:
-        cls.name = name
-        _REGISTRY[name] = cls
-        return cls
-    return decorate
-
-
-def _discover() -> None:
-    for info in pkgutil.iter_modules(__path__):
-        importlib.import_module(f"{__name__}.{info.name}")
-
-
-def available_sources() -> list[str]:
-    _discover()
-    return sorted(_REGISTRY)
+SOURCES: Registry[Source] = Registry("source", __name__, SourceError)
+register = SOURCES.register
 
 
 def create_source(name: str, root: Path, labels: Path | None = None) -> Source:
-    _discover()
-    if name not in _REGISTRY:
-        raise SourceError(f"unknown source {name!r}; available: {', '.join(sorted(_REGISTRY))}")
-    return _REGISTRY[name](root, labels)
+    return SOURCES.get(name)(root, labels)
