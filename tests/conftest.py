@@ -38,3 +38,17 @@ def shared_dir() -> Path:
     if not SHARED.is_dir():
         pytest.skip(f"{SHARED} is absent (a user's clone has no shared/ folder)")
     return SHARED
+
+
+@pytest.fixture(scope="session")
+def small_prepared(tmp_path_factory) -> Path:
+    """A prepared synthetic cohort of 40 ECGs, shared by the stage-one and stage-two tests."""
+    from pipeline.params import PrepareParams
+    from stages.prepare.run import prepare
+    from stages.prepare.synthetic.cohort import write_cohort
+
+    root = tmp_path_factory.mktemp("small") / "raw"
+    write_cohort(root, n=40, seed=11)
+    out = root.parent / "prepared"
+    prepare("synthetic", root, out, PrepareParams(workers=0))
+    return out

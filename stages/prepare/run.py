@@ -81,7 +81,7 @@ def prepare(source_name: str, root: Path, out: Path, params: PrepareParams,
         except BaseException:
             writer.abort()
             raise
-        ok = np.array(["signal" in o for o in outcomes], dtype=bool)
+        ok = np.array(["reason" not in o for o in outcomes], dtype=bool)
         if not ok.any():
             writer.abort()
             reasons = Counter(_kind(o["reason"]) for o in outcomes)
@@ -136,7 +136,7 @@ def _read_all(source: Source, table: pd.DataFrame, contract: SignalContract,
 def _cohort(table: pd.DataFrame, outcomes: list[dict], ok: np.ndarray, source_name: str,
             n_classes: int) -> pd.DataFrame:
     kept = table.loc[ok].reset_index(drop=True)
-    good = [o for o in outcomes if "fs" in o]
+    good = [o for o in outcomes if "reason" not in o]
     statements = kept["ad_statement"].astype("string")
     classes = top_statements(statements, kept["split"], n_classes)
     rr_derived = kept.get("rr_derived", False)
