@@ -19,6 +19,7 @@ app = typer.Typer(
          "Stages: synth (demo data) -> prepare -> extract -> fit-ensemble -> report. "
          "Options you leave out are read from params.yaml (see README).",
     no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
+    rich_markup_mode="markdown",
 )
 
 ParamsOption = Annotated[Path, typer.Option("--params", help="params.yaml to read defaults from.")]
@@ -105,9 +106,57 @@ def _not_yet(stage: str) -> None:
 
 
 @app.command()
-def extract() -> None:
-    """Cache a frozen backbone's features in cache/<backbone>.zarr (not available yet)."""
-    _not_yet("extract")
+def extract(
+    backbone: Annotated[str, typer.Option(help="Backbone to run: a key of `backbones:` in "
+                                          "params.yaml (moment, timesnet, dlinear, gate).")],
+    weights: Annotated[str | None, typer.Option(help="Hub id or local path of the weights, "
+                                                "or `random` (default: params).")] = None,
+    device: Annotated[str | None, typer.Option(help="auto | cpu | cuda[:N] "
+                                               "(auto picks a GPU when present).")] = None,
+    bf16: Annotated[bool | None, typer.Option("--bf16/--no-bf16",
+                                              help="bf16 autocast on GPU.")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="ECGs per forward pass.")] = None,
+    force: Annotated[bool, typer.Option(help="Rebuild even if a cache (complete or "
+                                        "partial) made from other settings exists.")] = False,
+    workers: Annotated[int | None, typer.Option(help="Local dask worker processes "
+                                                "(0: in-process).")] = None,
+    scheduler: Annotated[str | None, typer.Option(help="Address of a dask.distributed "
+                                                  "scheduler; workers must see cache/ and "
+                                                  "the signal store.")] = None,
+    params: ParamsOption = Path("params.yaml"),
+) -> None:
+    """Run a frozen backbone once over the prepared ECGs into cache/BACKBONE.zarr.
+
+    Resumable: an interrupted run continues at the first unfinished shard. A cache made
+    from other weights, cohort, input contract or code is refused unless --force.
+    """
+    from pipeline.feature_cache import CacheError
+    from pipeline.params import BackboneParams
+    from pipeline.signal_store import SignalStoreError
+    from stages.extract.backbones import WeightsError
+    from stages.extract.run import extract as run_extract
+
+    cfg = _params(params)
+    section = cfg.backbones.get(backbone, BackboneParams())
+    if weights is not None:
+        section.weights = weights
+    if batch_size is not None:
+        section.batch_size = batch_size
+    settings = cfg.extract
+    for name, value in (("device", device), ("bf16", bf16), ("workers", workers)):
+        if value is not None:
+            setattr(settings, name, value)
+    try:
+        summary = run_extract(backbone, section, settings, Path(cfg.prepare.out), force=force,
+                              scheduler=scheduler)
+    except (CacheError, SignalStoreError, WeightsError, ValueError, RuntimeError) as err:
+        _fail(str(err))
+    weights_note = {"random": "RANDOM weights (demo)", "loaded": "loaded weights",
+                    "none": "no weights"}[summary["weights"]]
+    rate = f", {summary['ecg_per_s']} ECG/s" if summary.get("ecg_per_s") else ""
+    typer.echo(f"{backbone}: {summary['status']} - {summary['rows']} rows at "
+               f"{summary['path']} ({weights_note}, digest {summary['weights_digest']}, "
+               f"{summary['device']}{rate})")
 
 
 @app.command("fit-ensemble")

@@ -43,10 +43,32 @@ class PrepareParams:
 
 
 @dataclass
+class BackboneParams:
+    """One backbone's section under ``backbones:``; ``model`` is its architecture."""
+
+    weights: str = "random"
+    seed: int = 0
+    batch_size: int = 32
+    per_lead: bool = False
+    model: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class ExtractParams:
+    out: str = "cache"
+    shard_rows: int = 256
+    device: str = "auto"
+    bf16: bool = False
+    workers: int = 0
+
+
+@dataclass
 class Params:
     synth: SynthParams = field(default_factory=SynthParams)
     data: DataParams = field(default_factory=DataParams)
     prepare: PrepareParams = field(default_factory=PrepareParams)
+    extract: ExtractParams = field(default_factory=ExtractParams)
+    backbones: dict[str, BackboneParams] = field(default_factory=dict)
     tasks: list[str] = field(default_factory=lambda: list(TASKS))
 
 
@@ -82,13 +104,16 @@ def load_params(path: Path | str = "params.yaml") -> Params:
         raw = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as err:
         raise ParamsError(f"{path} is not valid YAML: {err}") from err
-    sections = {"synth": SynthParams, "data": DataParams, "prepare": PrepareParams}
-    unknown = sorted(set(raw) - set(sections) - {"tasks"})
+    sections = {"synth": SynthParams, "data": DataParams, "prepare": PrepareParams,
+                "extract": ExtractParams}
+    unknown = sorted(set(raw) - set(sections) - {"tasks", "backbones"})
     if unknown:
         raise ParamsError(f"{path}: unknown section(s) {', '.join(unknown)}")
     tasks = raw.get("tasks", list(TASKS))
     bad = [t for t in tasks if t not in TASKS]
     if bad:
         raise ParamsError(f"{path}: unknown task(s) {', '.join(bad)}; known: {', '.join(TASKS)}")
+    backbones = {name: _section(BackboneParams, section, f"{path}:backbones.{name}")
+                 for name, section in (raw.get("backbones") or {}).items()}
     return Params(**{name: _section(cls, raw.get(name), f"{path}:{name}")
-                     for name, cls in sections.items()}, tasks=list(tasks))
+                     for name, cls in sections.items()}, backbones=backbones, tasks=list(tasks))
