@@ -150,6 +150,7 @@ _LEADS8 = np.vstack([
 ])
 _PRECORDIAL = slice(2, 8)
 _LIMB12 = (0, 1, 2, 3, 4, 5)
+_ALL_LEADS = (*_LIMB12, 6, 7, 8, 9, 10, 11)
 
 _SINUS, _PAC, _PVC, _NO_P = 0, 1, 2, 3
 _MARGIN_S = 1.2  # beats rendered beyond both ends so every wave near the edges is complete
@@ -422,8 +423,8 @@ def _apply_potassium(phys: _Physiology, potassium: str, rng: np.random.Generator
     elif potassium == "low":
         t_dir = _unit(phys.t_vector)
         phys.t_vector = phys.t_vector * rng.uniform(0.25, 0.35)
-        phys.st_vector = phys.st_vector + _scaled(-t_dir, -rng.uniform(0.04, 0.07), _LIMB12
-                                                  + (6, 7, 8, 9, 10, 11))
+        depression = _scaled(-t_dir, -rng.uniform(0.04, 0.07), _ALL_LEADS)
+        phys.st_vector = phys.st_vector + depression
         phys.u_vector = _scaled(t_dir, rng.uniform(0.08, 0.15), (7, 8, 9))
 
 
@@ -604,8 +605,7 @@ def _atrial_activity(heart: Heart, beats: _Beats, rng: np.random.Generator, n: i
         phase = 2 * np.pi * np.cumsum(freq) / fs + p0
         envelope = 0.75 + 0.25 * np.sin(2 * np.pi * rng.uniform(0.1, 0.5) * t + p2)
         wave = envelope * (np.sin(phase) + 0.25 * np.sin(2 * phase + p3)) / 1.25
-        direction = _scaled(np.array([-0.2, 0.5, 1.0]), rng.uniform(0.05, 0.10), _LIMB12
-                            + (6, 7, 8, 9, 10, 11))
+        direction = _scaled(np.array([-0.2, 0.5, 1.0]), rng.uniform(0.05, 0.10), _ALL_LEADS)
         return [(wave, _amp8(direction))]
     if heart.diagnosis == "Atrial flutter":
         period = 60.0 / heart.heart_rate / _flutter_ratio(heart.heart_rate)
@@ -694,7 +694,7 @@ def render(heart: Heart, rng: np.random.Generator, fs: int = 500, seconds: float
     equals the noisy render minus its noise, because noise is drawn last.
     """
     _check(heart)
-    n = int(round(seconds * fs))
+    n = round(seconds * fs)
     phys = _draw_physiology(heart, rng)
     beats = _beat_train(heart, phys, rng, seconds)
     is_pvc = beats.kinds == _PVC
