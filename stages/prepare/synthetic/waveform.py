@@ -81,7 +81,7 @@ I = LA - RA, II = LL - RA, Vi = Vi - Wilson terminal; amplitudes drawn per ECG)
   electrode to 0.05-0.3 mV peak;
 * mains hum at ``mains_hz``: 0.005-0.03 mV, nearly common phase across electrodes;
 * muscle (EMG): Gaussian noise band-passed 20-150 Hz, SD 0.003-0.03 mV, with a 30 % chance of
-  a 0.5-2 s burst of x3-8;
+  a 0.5-2 s burst of x2-5;
 * white noise: SD 0.002-0.01 mV.
 
 Determinism: render() consumes ``rng`` in this order: physiology, beat train, atrial activity
@@ -298,24 +298,28 @@ def _qrs_complex(heart: Heart, axis: float, amp: float,
     """QRS waves (centre/sigma as fractions of QRS duration) and the R fiducial fraction."""
     dx = heart.diagnosis
     if dx == "Left bundle branch block":
-        r1 = _vec(axis - 10.0, rng.uniform(-0.6, -0.3), 0.8 * amp)
-        r2 = _vec(axis + 10.0, rng.uniform(-1.0, -0.6), amp)
+        # Septum then free wall, both leftward-posterior; the later one dominates every lead.
+        z = rng.uniform(-0.9, -0.5)
+        r1 = _vec(axis - 10.0, z, rng.uniform(0.6, 0.75) * amp)
+        r2 = _vec(axis + 5.0, z, amp)
         initial = _vec(axis, 1.0, amp * rng.uniform(0.0, 0.12))
         return [_Wave(0.10, 0.04, initial), _Wave(0.33, 0.11, r1), _Wave(0.68, 0.11, r2)], 0.68
     lafb = dx == "Left anterior fascicular block"
     q_axis = rng.uniform(110.0, 130.0) if lafb else axis + rng.uniform(90.0, 130.0)
     q = _perturb(_vec(q_axis, rng.uniform(0.6, 1.2), amp * rng.uniform(0.12, 0.22)), rng)
-    z_r = rng.uniform(-0.7, -0.45) if dx == "Left ventricular hypertrophy" else rng.uniform(
-        -0.35, -0.1)
-    r = _vec(axis, z_r, amp)
-    s = _perturb(_vec(axis + 180.0 + rng.uniform(-25.0, 25.0), -rng.uniform(0.6, 1.2),
-                      amp * rng.uniform(0.3, 0.45)), rng)
+    lvh = dx == "Left ventricular hypertrophy"
+    # Apical (left-anterior) then lateral (left-posterior) activation: R-wave progression.
+    apex = _vec(axis, rng.uniform(-0.1, 0.15) if lvh else rng.uniform(0.1, 0.4), 0.6 * amp)
+    lateral = _vec(axis, rng.uniform(-1.3, -0.9) if lvh else rng.uniform(-0.9, -0.5), 0.6 * amp)
+    s = _perturb(_vec(axis + 180.0 + rng.uniform(-25.0, 25.0), -rng.uniform(0.8, 1.4),
+                      amp * rng.uniform(0.2, 0.35)), rng)
     if dx == "Right bundle branch block":
         late = _vec(180.0 + rng.uniform(-20.0, 20.0), rng.uniform(0.8, 1.4),
                     amp * rng.uniform(0.45, 0.65))
-        return [_Wave(0.12, 0.045, q), _Wave(0.30, 0.08, r), _Wave(0.50, 0.06, 0.7 * s),
-                _Wave(0.80, 0.075, late)], 0.30
-    return [_Wave(0.18, 0.07, q), _Wave(0.48, 0.10, r), _Wave(0.76, 0.08, s)], 0.48
+        return [_Wave(0.12, 0.045, q), _Wave(0.27, 0.07, apex), _Wave(0.35, 0.07, lateral),
+                _Wave(0.52, 0.055, 0.7 * s), _Wave(0.80, 0.075, late)], 0.31
+    return [_Wave(0.18, 0.07, q), _Wave(0.42, 0.09, apex), _Wave(0.54, 0.09, lateral),
+            _Wave(0.76, 0.08, s)], 0.48
 
 
 def _qrs_duration(heart: Heart, rng: np.random.Generator) -> float:
@@ -347,9 +351,8 @@ def _repolarisation(heart: Heart, axis: float, qrs_waves: list[_Wave],
         t = -mean_qrs * rng.uniform(0.35, 0.6)
         st = -mean_qrs * rng.uniform(0.08, 0.15)
     elif dx == "Left ventricular hypertrophy":
-        r_dir = _unit(qrs_waves[1].vector)
-        t = -r_dir * rng.uniform(0.15, 0.35)
-        st = -r_dir * rng.uniform(0.05, 0.12)
+        t = -mean_qrs * rng.uniform(0.15, 0.35)
+        st = -mean_qrs * rng.uniform(0.05, 0.12)
     elif dx == "Right bundle branch block":
         t = _perturb(_vec(axis - 10.0, rng.uniform(-0.7, -0.4), t_mag), rng)
         st = -_unit(qrs_waves[-1].vector) * rng.uniform(0.02, 0.06)
@@ -365,7 +368,7 @@ def _repolarisation(heart: Heart, axis: float, qrs_waves: list[_Wave],
     return t, st
 
 
-def _pvc(heart: Heart, amp: float, qtc: float, rng: np.random.Generator) -> _Physiology:
+def _pvc(amp: float, qtc: float, rng: np.random.Generator) -> _Physiology:
     """Unifocal ventricular ectopic: two broad vectors of a random focus, discordant ST-T."""
     first = _vec(rng.uniform(-180.0, 180.0), rng.uniform(-1.0, 1.0), amp * rng.uniform(1.2, 1.7))
     second = _perturb(first, rng, deg=60.0, amp_sd=0.1) * 0.5
@@ -442,7 +445,7 @@ def _apply_rhythm(phys: _Physiology, heart: Heart, amp: float, rng: np.random.Ge
                           rng.uniform(0.06, 0.12))
             phys.retro_p = _Wave(offset, 0.018, vector)
     elif dx == "Sinus rhythm with PVCs":
-        phys.pvc = _pvc(heart, amp, phys.qtc, rng)
+        phys.pvc = _pvc(amp, phys.qtc, rng)
     elif dx == "Sinus rhythm with PACs":
         vector = _vec(rng.uniform(-90.0, 30.0), rng.uniform(-0.8, 0.8), rng.uniform(0.06, 0.12))
         phys.pac_p = _Wave(0.04, 0.016, vector)
@@ -626,38 +629,58 @@ def _emg_filter(fs: float) -> np.ndarray:
     return butter(2, [20.0, min(150.0, 0.45 * fs)], btype="bandpass", fs=fs, output="sos")
 
 
-def _electrode_noise(rng: np.random.Generator, n: int, fs: float, mains_hz: float) -> np.ndarray:
-    """Noise of the 9 electrodes (RA, LA, LL, V1..V6), returned as the 8 recorded leads."""
-    t = np.arange(n) / fs
-    ne = 9
-    freqs = rng.uniform(0.05, 0.5, size=(3, ne))
-    phases = rng.uniform(0.0, 2 * np.pi, size=(3, ne))
-    weights = rng.uniform(0.2, 1.0, size=(3, ne))
-    wander = np.einsum("ke,tke->te", weights,
-                       np.sin(2 * np.pi * freqs * t[:, None, None] + phases))
-    knots = np.arange(0.0, n / fs + 2.0, 1.0)
-    walk = np.cumsum(rng.normal(0.0, 0.5, size=(knots.size, ne)), axis=0)
-    wander += CubicSpline(knots, walk, axis=0)(t)
-    wander -= wander.mean(axis=0)
-    wander *= rng.uniform(0.05, 0.3) * rng.uniform(0.6, 1.0, size=ne) / np.abs(wander).max(
-        axis=0)
+_ELECTRODES = 9  # RA, LA, LL, V1..V6
+# Recorded leads from electrode potentials: I = LA - RA, II = LL - RA, Vi - Wilson terminal.
+_REFERENCE = np.zeros((_ELECTRODES, 8))
+_REFERENCE[[1, 0], 0] = 1.0, -1.0
+_REFERENCE[[2, 0], 1] = 1.0, -1.0
+_REFERENCE[3:, 2:] = np.eye(6)
+_REFERENCE[:3, 2:] = -1.0 / 3.0
 
-    mains_phase = rng.uniform(0.0, 2 * np.pi) + rng.normal(0.0, 0.3, size=ne)
-    mains = (rng.uniform(0.005, 0.03) * rng.uniform(0.2, 1.0, size=ne)
-             * np.sin(2 * np.pi * mains_hz * t[:, None] + mains_phase))
 
-    emg = sosfilt(_emg_filter(fs), rng.normal(size=(n, ne)), axis=0)
-    emg *= rng.uniform(0.003, 0.03) * rng.uniform(0.5, 1.0, size=ne) / emg.std(axis=0)
+def _baseline_wander(rng: np.random.Generator, t: np.ndarray) -> np.ndarray:
+    """Respiration-like sinusoids plus a random walk, built on 0.25-s knots and splined.
+
+    Everything below 0.5 Hz is smooth on that grid, so only the spline touches every sample.
+    """
+    knots = np.arange(0.0, t[-1] + 0.5, 0.25)
+    freqs = rng.uniform(0.05, 0.5, size=(3, _ELECTRODES))
+    phases = rng.uniform(0.0, 2 * np.pi, size=(3, _ELECTRODES))
+    weights = rng.uniform(0.2, 1.0, size=(3, _ELECTRODES))
+    values = np.einsum("ke,nke->ne", weights,
+                       np.sin(2 * np.pi * freqs * knots[:, None, None] + phases))
+    values += np.cumsum(rng.normal(0.0, 0.25, size=values.shape), axis=0)
+    values -= values.mean(axis=0)
+    values *= (rng.uniform(0.05, 0.3) * rng.uniform(0.6, 1.0, size=_ELECTRODES)
+               / np.abs(values).max(axis=0))
+    return CubicSpline(knots, values, axis=0)(t)
+
+
+def _mains(rng: np.random.Generator, t: np.ndarray, mains_hz: float) -> np.ndarray:
+    """Hum of nearly common phase: sin(wt + p) = sin(wt)cos(p) + cos(wt)sin(p)."""
+    phase = rng.uniform(0.0, 2 * np.pi) + rng.normal(0.0, 0.3, size=_ELECTRODES)
+    amp = rng.uniform(0.005, 0.03) * rng.uniform(0.2, 1.0, size=_ELECTRODES)
+    wt = 2 * np.pi * mains_hz * t
+    return np.outer(np.sin(wt), amp * np.cos(phase)) + np.outer(np.cos(wt), amp * np.sin(phase))
+
+
+def _emg(rng: np.random.Generator, t: np.ndarray, fs: float) -> np.ndarray:
+    """Band-passed Gaussian muscle noise, sometimes with one burst (e.g. a movement)."""
+    emg = sosfilt(_emg_filter(fs), rng.normal(size=(t.size, _ELECTRODES)), axis=0)
+    emg *= rng.uniform(0.003, 0.03) * rng.uniform(0.5, 1.0, size=_ELECTRODES) / emg.std(axis=0)
     if rng.uniform() < 0.3:
-        centre, half = rng.uniform(0.0, n / fs), rng.uniform(0.25, 1.0)
-        bump = np.clip(1.0 - np.abs(t - centre) / half, 0.0, 1.0)
-        emg *= 1.0 + (rng.uniform(3.0, 8.0) - 1.0) * np.sin(0.5 * np.pi * bump)[:, None] ** 2
-    white = rng.normal(0.0, rng.uniform(0.002, 0.01), size=(n, ne))
+        centre, half = rng.uniform(0.0, t[-1]), rng.uniform(0.25, 1.0)
+        bump = np.sin(0.5 * np.pi * np.clip(1.0 - np.abs(t - centre) / half, 0.0, 1.0)) ** 2
+        emg *= (1.0 + (rng.uniform(2.0, 5.0) - 1.0) * bump)[:, None]
+    return emg
 
-    electrodes = wander + mains + emg + white
-    ra, la, ll = electrodes[:, 0], electrodes[:, 1], electrodes[:, 2]
-    wilson = (ra + la + ll) / 3.0
-    return np.column_stack([la - ra, ll - ra, electrodes[:, 3:] - wilson[:, None]])
+
+def _electrode_noise(rng: np.random.Generator, n: int, fs: float, mains_hz: float) -> np.ndarray:
+    """Noise of the 9 electrodes, referenced into the 8 recorded leads like a real recorder."""
+    t = np.arange(n) / fs
+    electrodes = _baseline_wander(rng, t) + _mains(rng, t, mains_hz) + _emg(rng, t, fs)
+    electrodes += rng.normal(0.0, rng.uniform(0.002, 0.01), size=electrodes.shape)
+    return electrodes @ _REFERENCE
 
 
 # ----------------------------------------------------------------------------- render
