@@ -66,7 +66,7 @@ class DLinear(StateDictBackbone):
 
     @property
     def contract(self) -> InputContract:
-        return InputContract(length=self.config["seq_len"], normalise="zscore")
+        return InputContract(length=self.config["seq_len"])
 
     def arrays(self) -> list[ArraySpec]:
         n, p = len(self.contract.leads), self.config["pred_len"]

@@ -146,7 +146,7 @@ class TimesNet(StateDictBackbone):
 
     @property
     def contract(self) -> InputContract:
-        return InputContract(length=self.config["seq_len"], normalise="zscore")
+        return InputContract(length=self.config["seq_len"])
 
     def arrays(self) -> list[ArraySpec]:
         specs = [ArraySpec("features", (self.config["d_model"],))]
