@@ -100,11 +100,6 @@ def prepare(
     print_summary(summary)
 
 
-def _not_yet(stage: str) -> None:
-    typer.secho(f"`pipeline {stage}` is not available yet in this version.", err=True)
-    raise typer.Exit(2)
-
-
 @app.command()
 def extract(
     backbone: Annotated[str, typer.Option(help="Backbone to run: a key of `backbones:` in "
@@ -160,15 +155,63 @@ def extract(
 
 
 @app.command("fit-ensemble")
-def fit_ensemble() -> None:
-    """Train LoRA heads and the MoE gate from cached features (not available yet)."""
-    _not_yet("fit-ensemble")
+def fit_ensemble(
+    task: Annotated[str, typer.Option(help="rr | age | sex | ka | ad")],
+    backbones: Annotated[str | None, typer.Option(help="Comma-separated experts (default: "
+                                                  "params fit.backbones).")] = None,
+    seeds: Annotated[int | None, typer.Option(help="Number of seeds (fresh model and "
+                                              "optimiser each).")] = None,
+    adapter: Annotated[str | None, typer.Option(help="lora (EnECG) | full")] = None,
+    params: ParamsOption = Path("params.yaml"),
+) -> None:
+    """Train the experts' LoRA heads and the MoE gate for one task from cached features.
+
+    Writes metrics/TASK.json (ensemble and baselines, mean ± std over seeds),
+    predictions/TASK.parquet (test split) and models/TASK/. A task without labels in the
+    cohort is reported and skipped.
+    """
+    from pipeline.feature_cache import CacheError
+    from pipeline.params import TASKS
+    from stages.fit.run import TaskSkipped, fit_task, write_skipped
+    from stages.fit.summary import print_fit
+
+    if task not in TASKS:
+        _fail(f"unknown task {task!r}; choose one of {', '.join(TASKS)}")
+    cfg = _params(params)
+    fit = cfg.fit
+    if backbones:
+        fit.backbones = [b.strip() for b in backbones.split(",") if b.strip()]
+    if seeds is not None:
+        fit.seeds = seeds
+    if adapter is not None:
+        fit.adapter = adapter
+    try:
+        result = fit_task(task, fit, Path(cfg.prepare.out) / "cohort.parquet",
+                          Path(cfg.extract.out))
+    except TaskSkipped as reason:
+        write_skipped(task, str(reason), fit)
+        typer.secho(f"{task}: skipped - {reason}", fg=typer.colors.YELLOW)
+        return
+    except (CacheError, FileNotFoundError, ValueError) as err:
+        _fail(str(err))
+    result.write(fit)
+    print_fit(result.metrics)
 
 
 @app.command()
-def report() -> None:
-    """Summarise metrics of all tasks into reports/ (not available yet)."""
-    _not_yet("report")
+def report(
+    params: ParamsOption = Path("params.yaml"),
+    out: Annotated[Path, typer.Option(help="Folder for summary.md and plots/.")] = Path("reports"),
+) -> None:
+    """Summarise every task's metrics into reports/summary.md with plots."""
+    from stages.report.summary import write_report
+
+    fit = _params(params).fit
+    try:
+        path = write_report(Path(fit.metrics), Path(fit.predictions), out)
+    except ValueError as err:
+        _fail(str(err))
+    typer.echo(f"wrote {path}")
 
 
 def main() -> None:

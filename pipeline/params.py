@@ -63,12 +63,40 @@ class ExtractParams:
 
 
 @dataclass
+class FitParams:
+    """Stage two: which experts, the heads and gate, training, and where results go."""
+
+    backbones: list[str] = field(default_factory=lambda: ["moment", "timesnet", "dlinear"])
+    inputs: dict[str, str] = field(default_factory=dict)
+    expert_loss_weight: float = 1.0
+    seeds: int = 3
+    hidden: int = 128
+    adapter: str = "lora"
+    lora_r: int = 8
+    lora_alpha: int = 16
+    lora_dropout: float = 0.0
+    gate_hidden: int = 64
+    gate_mode: str = "per_expert"
+    loss: str = "mse"
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    batch_size: int = 256
+    max_epochs: int = 200
+    patience: int = 15
+    max_memory_gb: float = 4.0
+    metrics: str = "metrics"
+    models: str = "models"
+    predictions: str = "predictions"
+
+
+@dataclass
 class Params:
     synth: SynthParams = field(default_factory=SynthParams)
     data: DataParams = field(default_factory=DataParams)
     prepare: PrepareParams = field(default_factory=PrepareParams)
     extract: ExtractParams = field(default_factory=ExtractParams)
     backbones: dict[str, BackboneParams] = field(default_factory=dict)
+    fit: FitParams = field(default_factory=FitParams)
     tasks: list[str] = field(default_factory=lambda: list(TASKS))
 
 
@@ -105,7 +133,7 @@ def load_params(path: Path | str = "params.yaml") -> Params:
     except yaml.YAMLError as err:
         raise ParamsError(f"{path} is not valid YAML: {err}") from err
     sections = {"synth": SynthParams, "data": DataParams, "prepare": PrepareParams,
-                "extract": ExtractParams}
+                "extract": ExtractParams, "fit": FitParams}
     unknown = sorted(set(raw) - set(sections) - {"tasks", "backbones"})
     if unknown:
         raise ParamsError(f"{path}: unknown section(s) {', '.join(unknown)}")

@@ -14,10 +14,16 @@ def test_help_works(command):
     assert "Usage" in result.output
 
 
-def test_later_stages_say_they_are_not_available():
-    result = runner.invoke(app, ["fit-ensemble"])
-    assert result.exit_code == 2
-    assert "not available yet" in result.output
+def test_stage_two_commands_fail_clearly(tmp_path):
+    params = tmp_path / "params.yaml"
+    params.write_text(f"prepare:\n  out: {tmp_path / 'none'}\nfit:\n"
+                      f"  metrics: {tmp_path / 'metrics'}\n")
+    result = runner.invoke(app, ["fit-ensemble", "--task", "height", "--params", str(params)])
+    assert result.exit_code == 1 and "unknown task 'height'" in result.output
+    result = runner.invoke(app, ["fit-ensemble", "--task", "rr", "--params", str(params)])
+    assert result.exit_code == 1 and "cohort.parquet" in result.output
+    result = runner.invoke(app, ["report", "--params", str(params), "--out", str(tmp_path)])
+    assert result.exit_code == 1 and "fit-ensemble" in result.output
 
 
 def test_bad_params_file_is_reported(tmp_path):

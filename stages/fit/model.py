@@ -1,0 +1,109 @@
+"""The EnECG ensemble: one FFN head per frozen expert, mixed per ECG by a gate.
+
+Heads are ``Linear(D,h)-ReLU-Linear(h,h)-ReLU-Linear(h,out)``. With ``adapter="lora"``
+(EnECG) the hidden layers stay at their seeded initialisation and learn a rank-``r`` LoRA
+update through peft, and the output layer is trained fully: a LoRA-only head whose output
+layer stays random maps everything through a random projection, a known pitfall. With
+``adapter="full"`` every head weight trains. The trainable parameter names are recorded.
+
+The gate reads the cached lead subset and gives softmax weights over experts, either one
+per expert or one per expert and output. Regression mixes the experts' (standardised)
+outputs; classification mixes their class probabilities, so the mixture is a proper
+distribution and its log is the loss input.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+from peft import LoraConfig, get_peft_model
+from torch import nn
+
+HIDDEN_LAYERS, OUTPUT_LAYER = ["0", "2"], "4"
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    hidden: int = 128
+    adapter: str = "lora"  # lora | full
+    lora_r: int = 8
+    lora_alpha: int = 16
+    lora_dropout: float = 0.0
+    gate_hidden: int = 64
+    gate_mode: str = "per_expert"  # per_expert | per_output
+
+    def __post_init__(self) -> None:
+        if self.adapter not in ("lora", "full"):
+            raise ValueError(f"adapter must be lora or full, got {self.adapter!r}")
+        if self.gate_mode not in ("per_expert", "per_output"):
+            raise ValueError(f"gate_mode must be per_expert or per_output, got "
+                             f"{self.gate_mode!r}")
+
+    def describe(self) -> dict:
+        return asdict(self)
+
+
+def make_head(d_in: int, d_out: int, config: ModelConfig) -> nn.Module:
+    head = nn.Sequential(nn.Linear(d_in, config.hidden), nn.ReLU(),
+                         nn.Linear(config.hidden, config.hidden), nn.ReLU(),
+                         nn.Linear(config.hidden, d_out))
+    if config.adapter == "full":
+        return head
+    lora = LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha,
+                      lora_dropout=config.lora_dropout, target_modules=HIDDEN_LAYERS,
+                      modules_to_save=[OUTPUT_LAYER])
+    return get_peft_model(head, lora)
+
+
+class Gate(nn.Module):
+    def __init__(self, d_in: int, n_experts: int, d_out: int, config: ModelConfig):
+        super().__init__()
+        self.n_experts = n_experts
+        self.d_out = d_out if config.gate_mode == "per_output" else 1
+        self.net = nn.Sequential(nn.Linear(d_in, config.gate_hidden), nn.ReLU(),
+                                 nn.Linear(config.gate_hidden, n_experts * self.d_out))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, d_in) -> weights (B, experts, d_out or 1), summing to 1 over experts."""
+        return self.net(x).view(len(x), self.n_experts, self.d_out).softmax(dim=1)
+
+
+class Ensemble(nn.Module):
+    """Σ_i w_i(x) ŷ_i(x) over the experts in ``dims`` (one expert: just its head)."""
+
+    def __init__(self, dims: dict[str, int], gate_dim: int, d_out: int, classification: bool,
+                 config: ModelConfig):
+        super().__init__()
+        self.experts = list(dims)
+        self.classification = classification
+        self.heads = nn.ModuleDict({name: make_head(d, d_out, config)
+                                    for name, d in dims.items()})
+        self.gate = Gate(gate_dim, len(dims), d_out, config) if len(dims) > 1 else None
+
+    def forward(self, features: dict[str, torch.Tensor], gate_input: torch.Tensor
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Returns (mixture, per-expert outputs (B, E, out), weights (B, E, out or 1)).
+
+        For classification the mixture and the expert outputs are probabilities.
+        """
+        outputs = torch.stack([self.heads[name](features[name]) for name in self.experts], 1)
+        if self.classification:
+            outputs = outputs.softmax(dim=-1)
+        if self.gate is None:
+            weights = outputs.new_full((len(outputs), len(self.experts), 1),
+                                       1.0 / len(self.experts))
+        else:
+            weights = self.gate(gate_input)
+        mixture = (weights * outputs).sum(dim=1)
+        if self.classification and weights.shape[-1] > 1:
+            mixture = mixture / mixture.sum(dim=-1, keepdim=True)
+        return mixture, outputs, weights
+
+    def trainable(self) -> dict[str, list[str]]:
+        """Names of the parameters that learn, per head and for the gate."""
+        named = {name: self.heads[name] for name in self.experts}
+        if self.gate is not None:
+            named["gate"] = self.gate
+        return {name: [n for n, p in module.named_parameters() if p.requires_grad]
+                for name, module in named.items()}

@@ -1,0 +1,196 @@
+"""Stage two from the cache: learning, seeds, baselines, errors, the LoRA trainable set."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from pipeline.feature_cache import ArraySpec, CacheBuilder, CacheError, write_shard
+from pipeline.params import FitParams
+from stages.fit.model import Ensemble, ModelConfig
+from stages.fit.run import TaskSkipped, fit_task, load_model, write_skipped
+
+N, DIGEST = 600, "fakecohort000001"
+CLASSES = ["AF", "Other", "Sinus"]
+
+
+def _cohort(rng: np.random.Generator) -> pd.DataFrame:
+    subjects = rng.integers(0, 200, N)
+    split = np.array(["train", "val", "test"])[np.minimum(subjects // 70, 2)]  # by subject
+    signal = rng.normal(size=N)
+    return pd.DataFrame({
+        "record_id": [f"r{i}" for i in range(N)], "subject_id": [f"s{s}" for s in subjects],
+        "split": split, "signal": signal,
+        "rr": 800 + 150 * signal, "age": 60 + 10 * signal,
+        "sex": np.where(signal > 0, "M", "F"),
+        "ka": pd.array(np.where(signal > 1.3, 1, 0), dtype="Int8"),
+        "ad": np.array(CLASSES)[np.digitize(signal, [-0.5, 0.5])],
+    })
+
+
+def _write_cache(folder, name, values):
+    builder = CacheBuilder(folder / f"{name}.zarr", {"cohort_digest": DIGEST, "backbone": name,
+                                                     "random_weights": True},
+                           N, [ArraySpec("features", values.shape[1:])], shard_rows=128)
+    for shard in builder.pending_shards():
+        start, stop = builder.shard_bounds(shard)
+        write_shard(builder.store_path, builder.done_dir, shard, start,
+                    {"features": values[start:stop]})
+    builder.publish()
+
+
+@pytest.fixture(scope="module")
+def fake(tmp_path_factory):
+    """A cohort whose labels are functions of a latent signal that one expert sees well,
+    another weakly, plus a gate input: learning has something to find."""
+    root = tmp_path_factory.mktemp("fake")
+    rng = np.random.default_rng(0)
+    cohort = _cohort(rng)
+    table = pa.Table.from_pandas(cohort.drop(columns="signal"), preserve_index=False)
+    pq.write_table(table.replace_schema_metadata({b"cohort_digest": DIGEST.encode()}),
+                   root / "cohort.parquet")
+    s = cohort["signal"].to_numpy()[:, None]
+    strong = np.hstack([s + 0.05 * rng.normal(size=(N, 1)), rng.normal(size=(N, 7))])
+    weak = np.hstack([s + 1.0 * rng.normal(size=(N, 1)), rng.normal(size=(N, 5))])
+    _write_cache(root / "cache", "strong", (strong * 0.01 + 3.0).astype(np.float32))
+    _write_cache(root / "cache", "weak", weak.astype(np.float32))
+    _write_cache(root / "cache", "gate", rng.normal(size=(N, 10)).astype(np.float32))
+    return root, cohort
+
+
+def _params(**kw) -> FitParams:
+    base = dict(backbones=["strong", "weak"], seeds=2, hidden=32, max_epochs=60, patience=10,
+                batch_size=64)
+    return FitParams(**{**base, **kw})
+
+
+@pytest.mark.parametrize("task,better", [("rr", "lower"), ("age", "lower"), ("sex", "higher"),
+                                         ("ad", "higher")])
+def test_the_ensemble_learns_and_beats_the_trivial_predictor(fake, task, better):
+    root, _ = fake
+    metrics = fit_task(task, _params(), root / "cohort.parquet", root / "cache").metrics
+    name = metrics["metric"]
+    ensemble = metrics["methods"]["ensemble"][name]["mean"]
+    baseline = "mean_predictor" if better == "lower" else "majority"
+    trivial = metrics["methods"][baseline][name]["mean"]
+    if better == "lower":
+        assert ensemble < 0.5 * trivial
+    else:
+        assert ensemble > trivial + 0.2
+    gate = metrics["gate_weights"]
+    assert gate["strong"]["mean"] > gate["weak"]["mean"]  # the gate prefers the better expert
+    assert set(metrics["methods"]) == {"ensemble", "mean_predictor" if better == "lower"
+                                       else "majority", "strong", "weak", "uniform"}
+
+
+def test_binary_metrics_and_class_weighted_rare_task(fake):
+    root, _ = fake
+    metrics = fit_task("ka", _params(), root / "cohort.parquet", root / "cache").metrics
+    assert set(metrics["methods"]["ensemble"]) == {"f1", "auroc", "auprc"}
+    assert metrics["methods"]["ensemble"]["auroc"]["mean"] > 0.9
+    assert metrics["methods"]["majority"]["f1"]["mean"] == 0.0
+
+
+def test_same_seed_same_result_and_seeds_differ(fake):
+    root, _ = fake
+    a = fit_task("age", _params(seeds=2), root / "cohort.parquet", root / "cache")
+    b = fit_task("age", _params(seeds=2), root / "cohort.parquet", root / "cache")
+    assert a.metrics == b.metrics
+    pd.testing.assert_frame_equal(a.predictions, b.predictions)
+    first, second = (a.predictions[a.predictions.seed == s]["prediction"].to_numpy()
+                     for s in (0, 1))
+    assert not np.array_equal(first, second)
+
+
+def test_predictions_are_test_subjects_only(fake):
+    root, cohort = fake
+    result = fit_task("rr", _params(seeds=1), root / "cohort.parquet", root / "cache")
+    predicted = cohort.set_index("record_id").loc[result.predictions["record_id"]]
+    assert set(predicted["split"]) == {"test"}
+    train_subjects = set(cohort.loc[cohort.split == "train", "subject_id"])
+    assert not train_subjects & set(predicted["subject_id"])
+    assert {"expert_strong", "gate_strong", "expert_weak", "gate_weak"} <= set(
+        result.predictions.columns)
+    weights = result.predictions[["gate_strong", "gate_weak"]].sum(axis=1)
+    np.testing.assert_allclose(weights, 1.0, atol=1e-5)
+
+
+def test_task_without_labels_is_skipped_with_a_reason(fake, tmp_path):
+    root, _ = fake
+    table = pq.read_table(root / "cohort.parquet")
+    ka = pa.array([None] * N, type=pa.int8())
+    table = table.set_column(table.schema.get_field_index("ka"), "ka", ka)
+    pq.write_table(table, tmp_path / "cohort.parquet")
+    with pytest.raises(TaskSkipped, match="no ka labels in the train, val, test"):
+        fit_task("ka", _params(), tmp_path / "cohort.parquet", root / "cache")
+    params = _params(metrics=str(tmp_path / "m"), predictions=str(tmp_path / "p"),
+                     models=str(tmp_path / "models"))
+    write_skipped("ka", "no ka labels", params)
+    assert json.loads((tmp_path / "m" / "ka.json").read_text())["skipped"] == "no ka labels"
+    assert (tmp_path / "p" / "ka.parquet").exists()
+
+
+def test_missing_cache_and_cache_of_another_cohort(fake, tmp_path):
+    root, _ = fake
+    with pytest.raises(CacheError, match="run `pipeline extract --backbone absent`"):
+        fit_task("rr", _params(backbones=["absent"]), root / "cohort.parquet", root / "cache")
+    other = pq.read_table(root / "cohort.parquet").replace_schema_metadata(
+        {b"cohort_digest": b"another"})
+    pq.write_table(other, tmp_path / "cohort.parquet")
+    with pytest.raises(CacheError, match="extracted from another cohort"):
+        fit_task("rr", _params(), tmp_path / "cohort.parquet", root / "cache")
+
+
+def test_saved_models_refuse_other_features(fake, tmp_path):
+    root, _ = fake
+    params = _params(seeds=1, metrics=str(tmp_path / "m"), predictions=str(tmp_path / "p"),
+                     models=str(tmp_path / "models"))
+    result = fit_task("rr", params, root / "cohort.parquet", root / "cache")
+    result.write(params)
+    path = tmp_path / "models" / "rr" / "seed0.pt"
+    model, saved = load_model(path, result.fingerprints)
+    assert saved["threshold"] is None and model.experts == ["strong", "weak"]
+    changed = {**result.fingerprints, "weak": {**result.fingerprints["weak"],
+                                               "weights_digest": "other"}}
+    with pytest.raises(CacheError, match="trained on weak features"):
+        load_model(path, changed)
+
+
+def test_streaming_features_give_a_working_model(fake):
+    root, _ = fake
+    metrics = fit_task("rr", _params(seeds=1, max_memory_gb=0.0), root / "cohort.parquet",
+                       root / "cache").metrics
+    assert metrics["methods"]["ensemble"]["mae"]["mean"] < \
+        0.5 * metrics["methods"]["mean_predictor"]["mae"]["mean"]
+
+
+def test_lora_trainable_set_is_what_the_config_says():
+    lora = Ensemble({"a": 8, "b": 4}, 6, 3, True, ModelConfig(hidden=16, adapter="lora"))
+    trainable = lora.trainable()
+    for expert in ("a", "b"):
+        names = trainable[expert]
+        assert names and all(("lora_" in n and (".0." in n or ".2." in n))
+                             or ".4.modules_to_save." in n for n in names)
+        assert any(".4.modules_to_save." in n for n in names)  # output layer learns too
+        frozen = [n for n, p in lora.heads[expert].named_parameters() if not p.requires_grad]
+        assert any("0.base_layer.weight" in n for n in frozen)
+    assert trainable["gate"] == ["net.0.weight", "net.0.bias", "net.2.weight", "net.2.bias"]
+    full = Ensemble({"a": 8}, 6, 3, True, ModelConfig(hidden=16, adapter="full"))
+    assert sorted(full.trainable()["a"]) == sorted(n for n, _ in full.heads["a"].named_parameters())
+    assert "gate" not in full.trainable()
+
+
+def test_per_output_gate_gives_distributions():
+    model = Ensemble({"a": 8, "b": 4}, 6, 3, True, ModelConfig(hidden=16,
+                                                               gate_mode="per_output"))
+    mixture, _, weights = model({"a": torch.randn(5, 8), "b": torch.randn(5, 4)},
+                                      torch.randn(5, 6))
+    assert weights.shape == (5, 2, 3)
+    torch.testing.assert_close(mixture.sum(-1), torch.ones(5))
+    torch.testing.assert_close(weights.sum(1), torch.ones(5, 3))
