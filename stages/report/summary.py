@@ -1,0 +1,265 @@
+"""metrics/<task>.json and predictions/<task>.parquet -> one summary.md a reader can trust.
+
+Every task appears in the report: one that was skipped, never fitted or whose files cannot be
+read is listed with the reason instead of stopping the report for all the others.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable, Iterable
+from functools import partial
+from pathlib import Path
+
+import pandas as pd
+
+from stages.report import plots
+
+TASKS = ("rr", "age", "sex", "ka", "ad")
+LOWER_IS_BETTER = frozenset({"mae", "median_ae"})
+# Unbounded errors get 3 significant figures; bounded scores (f1, auroc, r2, ...) 3 decimals.
+_SIGNIFICANT = frozenset({"mae", "median_ae"})
+_LEADING = ("ensemble", "uniform")
+_BASELINES = ("mean_predictor", "majority")
+_MAIN_PLOT: dict[str, tuple[str, str, Callable[..., Path]]] = {
+    "regression": ("predicted vs true", "pred_vs_true", plots.plot_pred_vs_true),
+    "binary": ("ROC", "roc", plots.plot_roc),
+    "multiclass": ("confusion matrix", "confusion", plots.plot_confusion),
+}
+_PLOT_ERRORS = (OSError, ValueError, KeyError, TypeError)
+
+
+def write_report(metrics_dir: Path, predictions_dir: Path, out_dir: Path) -> Path:
+    """Write out_dir/summary.md and out_dir/plots/*.png; return the summary's path."""
+    metrics_dir, predictions_dir, out_dir = Path(metrics_dir), Path(predictions_dir), Path(out_dir)
+    tasks = load_metrics(metrics_dir)
+    fitted = {task: m for task, m in tasks.items() if not m.get("skipped")}
+    plot_links: dict[str, list[tuple[str, str]]] = {}
+    plot_notes: dict[str, list[str]] = {}
+    for task, metrics in fitted.items():
+        plot_links[task], plot_notes[task] = _task_plots(task, metrics, predictions_dir, out_dir)
+    lines = [
+        "# EnECG report",
+        "",
+        f"{len(fitted)} of {len(tasks)} tasks fitted; metrics are on the test split, "
+        "mean ± std over seeds.",
+        *_random_warning(fitted.values()),
+        *_headline_section(tasks),
+        *_skipped_section(tasks),
+        *(line for task, m in fitted.items() for line in _task_section(task, m)),
+        *_gate_section(fitted),
+        *_data_section(tasks),
+        *_plots_section(plot_links, plot_notes),
+    ]
+    out_dir.mkdir(parents=True, exist_ok=True)
+    summary = out_dir / "summary.md"
+    summary.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return summary
+
+
+def load_metrics(metrics_dir: Path) -> dict[str, dict]:
+    """Every task id -> its metrics; a missing or unreadable file becomes a skipped entry."""
+    paths = {task: metrics_dir / f"{task}.json" for task in TASKS}
+    if not any(path.is_file() for path in paths.values()):
+        raise ValueError(f"no task metrics ({', '.join(f'{t}.json' for t in TASKS)}) in "
+                         f"{metrics_dir}; run `pipeline fit-ensemble` first")
+    return {task: _read_task(task, path) for task, path in paths.items()}
+
+
+def _read_task(task: str, path: Path) -> dict:
+    if not path.is_file():
+        return {"task": task, "skipped": f"no {path.name}: fit-ensemble wrote no metrics for it"}
+    try:
+        metrics = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        return {"task": task, "skipped": f"unreadable {path.name}: {err}"}
+    if not isinstance(metrics, dict):
+        return {"task": task, "skipped": f"malformed {path.name}: not a JSON object"}
+    if metrics.get("skipped"):
+        return metrics
+    if not isinstance(metrics.get("methods"), dict) or not metrics.get("metric"):
+        return {"task": task, "skipped": f"malformed {path.name}: no 'metric' or 'methods'"}
+    return metrics
+
+
+def _number(value: object) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    return float(value) if math.isfinite(value) else None
+
+
+def mean_std(value: object) -> tuple[float | None, float | None]:
+    """A metric entry is {"mean", "std"}; tolerate a bare number (one seed) and nulls."""
+    if isinstance(value, dict):
+        return _number(value.get("mean")), _number(value.get("std"))
+    return _number(value), None
+
+
+def format_cell(metric: str, value: object) -> str:
+    """'7.12 ± 0.31' (3 significant figures for errors, 3 decimals for scores), or 'n/a'."""
+    mean, std = mean_std(value)
+    if mean is None:
+        return "n/a"
+    decimals = 3
+    if metric in _SIGNIFICANT and mean != 0:
+        decimals = min(6, max(0, 2 - math.floor(math.log10(abs(mean)))))
+    text = f"{mean:.{decimals}f}"
+    return text if std is None else f"{text} ± {std:.{decimals}f}"
+
+
+def best_methods(metric: str, values: dict[str, object]) -> set[str]:
+    """The method(s) with the best mean; ties are all best, nulls never are."""
+    means = {m: mean for m, v in values.items() if (mean := mean_std(v)[0]) is not None}
+    if not means:
+        return set()
+    target = (min if metric in LOWER_IS_BETTER else max)(means.values())
+    return {m for m, mean in means.items() if mean == target}
+
+
+def _arrow(metric: str) -> str:
+    return "↓" if metric in LOWER_IS_BETTER else "↑"
+
+
+def _method_order(metrics: dict) -> list[str]:
+    """Ensemble and uniform first, then each backbone alone, then the naive baseline."""
+    methods = list(metrics["methods"])
+    backbones = [b for b in metrics.get("backbones", []) if b in methods]
+    known = {*_LEADING, *backbones, *_BASELINES}
+    return ([m for m in _LEADING if m in methods] + backbones
+            + [m for m in methods if m not in known] + [m for m in _BASELINES if m in methods])
+
+
+def _union(lists: Iterable[list[str]]) -> list[str]:
+    return list(dict.fromkeys(item for items in lists for item in items))
+
+
+def _cells(metric: str, values: dict[str, object], columns: list[str]) -> list[str]:
+    best = best_methods(metric, {c: values[c] for c in columns if c in values})
+    cells = []
+    for column in columns:
+        if column not in values:
+            cells.append("—")
+            continue
+        text = format_cell(metric, values[column])
+        cells.append(f"**{text}**" if column in best else text)
+    return cells
+
+
+def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header),
+            *("| " + " | ".join(row) + " |" for row in rows)]
+
+
+def _random_warning(fitted: Iterable[dict]) -> list[str]:
+    random = _union([b for b, is_random in m.get("random_weights", {}).items() if is_random]
+                    for m in fitted)
+    if not random:
+        return []
+    return ["", f"> **Warning: RANDOM weights.** {', '.join(random)} ran with random, untrained "
+            "weights (demo features): the numbers show the pipeline works, not what pretrained "
+            "models achieve."]
+
+
+def _headline_section(tasks: dict[str, dict]) -> list[str]:
+    fitted = {t: m for t, m in tasks.items() if not m.get("skipped")}
+    columns = _union(_method_order(m) for m in fitted.values())
+    rows = []
+    for task, metrics in tasks.items():
+        if metrics.get("skipped"):
+            rows.append([f"{task} (skipped)", *["—"] * len(columns)])
+            continue
+        metric = metrics["metric"]
+        values = {m: v.get(metric) for m, v in metrics["methods"].items() if isinstance(v, dict)}
+        rows.append([f"{task} ({metric} {_arrow(metric)})", *_cells(metric, values, columns)])
+    return ["", "## Headline metric per task", "",
+            "Best method per task in bold; ↓ lower is better, ↑ higher is better.", "",
+            *_table(["task (metric)", *columns], rows)]
+
+
+def _skipped_section(tasks: dict[str, dict]) -> list[str]:
+    skipped = [f"- `{task}`: {m['skipped']}" for task, m in tasks.items() if m.get("skipped")]
+    return ["", "## Skipped tasks", "", *skipped] if skipped else []
+
+
+def _task_section(task: str, metrics: dict) -> list[str]:
+    columns = _method_order(metrics)
+    methods = {m: v for m, v in metrics["methods"].items() if isinstance(v, dict)}
+    names = _union([[metrics["metric"]], *(list(v) for v in methods.values())])
+    rows = [[f"{name} {_arrow(name)}",
+             *_cells(name, {m: v[name] for m, v in methods.items() if name in v}, columns)]
+            for name in names]
+    return ["", f"## {task}: every metric", "",
+            f"{metrics.get('kind', 'unknown kind')}; headline metric `{metrics['metric']}`; "
+            "best method per metric in bold.", "",
+            *_table(["metric", *columns], rows)]
+
+
+def _gate_section(fitted: dict[str, dict]) -> list[str]:
+    gated = {t: m["gate_weights"] for t, m in fitted.items() if m.get("gate_weights")}
+    if not gated:
+        return []
+    backbones = _union(list(weights) for weights in gated.values())
+    rows = [[task, *(format_cell("gate", w[b]) if b in w else "—" for b in backbones)]
+            for task, w in gated.items()]
+    return ["", "## Mean gate weight per backbone", "",
+            "Share of the ensemble the gate gives each backbone on the test split.", "",
+            *_table(["task", *backbones], rows)]
+
+
+def _data_section(tasks: dict[str, dict]) -> list[str]:
+    rows = []
+    for task, metrics in tasks.items():
+        n = metrics.get("n") or {}
+        seeds = metrics.get("seeds") or []
+        rows.append([task, "skipped" if metrics.get("skipped") else metrics.get("kind", "?"),
+                     f"{len(seeds)} ({', '.join(map(str, seeds))})" if seeds else "—",
+                     *(str(n.get(split, "—")) for split in ("train", "val", "test")),
+                     str(metrics.get("adapter", "—"))])
+    return ["", "## Seeds and ECGs per split", "",
+            *_table(["task", "kind", "seeds", "train", "val", "test", "adapter"], rows)]
+
+
+def _plots_section(links: dict[str, list[tuple[str, str]]],
+                   notes: dict[str, list[str]]) -> list[str]:
+    lines = ["", "## Plots", ""]
+    for task in links:
+        items = [f"[{caption}]({href})" for caption, href in links[task]]
+        lines.append(f"- `{task}`: {', '.join([*items, *notes[task]]) or 'none'}")
+    return lines
+
+
+def _task_plots(task: str, metrics: dict, predictions_dir: Path,
+                out_dir: Path) -> tuple[list[tuple[str, str]], list[str]]:
+    """Draw the task's plots; a plot that cannot be drawn becomes a note, not a crash."""
+    path = predictions_dir / f"{task}.parquet"
+    if not path.is_file():
+        return [], [f"no plots ({path.name} is absent)"]
+    try:
+        frame = pd.read_parquet(path)
+    except (OSError, ValueError) as err:
+        return [], [f"no plots (cannot read {path.name}: {_one_line(err)})"]
+    backbones = list(metrics.get("backbones") or [])
+    jobs = [("gate weights", "gate_weights", partial(plots.plot_gate_weights, backbones=backbones))]
+    links: list[tuple[str, str]] = []
+    notes: list[str] = []
+    kind = metrics.get("kind")
+    if kind in _MAIN_PLOT:
+        jobs.insert(0, _MAIN_PLOT[kind])
+    else:
+        notes.append(f"no main plot for kind {kind!r}")
+    for caption, name, draw in jobs:
+        target = out_dir / "plots" / f"{task}_{name}.png"
+        try:
+            draw(frame, task=task, path=target)
+        except _PLOT_ERRORS as err:
+            notes.append(f"no {caption} plot ({_one_line(err)})")
+        else:
+            links.append((caption, target.relative_to(out_dir).as_posix()))
+    return links, notes
+
+
+def _one_line(err: Exception) -> str:
+    """An error as one markdown-safe line: a multi-line message would break the list."""
+    lines = str(err).strip().splitlines()
+    return lines[0] if lines else type(err).__name__
