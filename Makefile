@@ -30,9 +30,11 @@ test: setup
 bench: setup
 	PATH="$(BIN):$$PATH" $(BIN)/python benchmarks/prepare_throughput.py
 	PATH="$(BIN):$$PATH" $(BIN)/python benchmarks/extract_throughput.py
+	PATH="$(BIN):$$PATH" $(BIN)/python benchmarks/fit_throughput.py
 
 lint: setup
 	$(BIN)/ruff check .
 
 clean:
-	rm -rf $(VENV) data/raw data/prepared cache/*.zarr cache/.*.partial cache/weights
+	rm -rf $(VENV) data/raw data/prepared cache/*.zarr cache/.*.partial cache/weights \
+		metrics models predictions reports
