@@ -18,7 +18,7 @@ TASKS = ("rr", "age", "sex", "ka", "ad")
 @dataclass
 class SynthParams:
     out: str = "data/raw/synthetic"
-    n: int = 2000
+    n: int = 5000
     seed: int = 0
 
 

@@ -213,7 +213,9 @@ def test_empty_metrics_dir_says_run_fit_ensemble(tmp_path):
 
 def test_format_cell():
     assert format_cell("mae", {"mean": 7.1234, "std": 0.3111}) == "7.12 ± 0.31"
-    assert format_cell("mae", {"mean": 123.4, "std": 2.6}) == "123 ± 3"
+    assert format_cell("mae", {"mean": 123.4, "std": 2.6}) == "123.4 ± 2.6"
+    assert format_cell("mae", {"mean": 13.965, "std": 0.035}) == "13.965 ± 0.035"
+    assert format_cell("mae", {"mean": 138.3, "std": 0.0}) == "138 ± 0"
     assert format_cell("f1", {"mean": 0.8, "std": 0.0123}) == "0.800 ± 0.012"
     assert format_cell("auroc", {"mean": None, "std": None}) == "n/a"
 

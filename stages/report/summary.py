@@ -97,13 +97,21 @@ def mean_std(value: object) -> tuple[float | None, float | None]:
 
 
 def format_cell(metric: str, value: object) -> str:
-    """'7.12 ± 0.31' (3 significant figures for errors, 3 decimals for scores), or 'n/a'."""
+    """'13.965 ± 0.035', '62.7 ± 1.0', '0.800 ± 0.012', or 'n/a'.
+
+    Errors (MAE) keep as many decimals as their spread over seeds needs (std to two
+    significant figures, the mean to the same place), so neither a real difference nor the
+    spread is rounded away; scores keep 3 decimals.
+    """
     mean, std = mean_std(value)
     if mean is None:
         return "n/a"
     decimals = 3
-    if metric in _SIGNIFICANT and mean != 0:
-        decimals = min(6, max(0, 2 - math.floor(math.log10(abs(mean)))))
+    if metric in _SIGNIFICANT:
+        if std:
+            decimals = min(4, max(0, 1 - math.floor(math.log10(abs(std)))))
+        elif mean != 0:
+            decimals = min(6, max(0, 2 - math.floor(math.log10(abs(mean)))))
     text = f"{mean:.{decimals}f}"
     return text if std is None else f"{text} ± {std:.{decimals}f}"
 
