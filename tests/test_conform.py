@@ -3,7 +3,7 @@ import pytest
 
 from pipeline.leads import STANDARD_LEADS, derive_limb_leads
 from pipeline.signal_store import SignalContract
-from stages.prepare.conform import conform
+from stages.prepare.conform import RepairPolicy, conform
 from stages.prepare.records import RawRecord, RecordError, read_wfdb
 from tests.conftest import leads_signal, write_record
 
@@ -63,18 +63,35 @@ def test_short_nan_gap_is_interpolated():
     assert repairs == ["interpolated 10 NaN in V2"]
 
 
-def test_mostly_nan_precordial_lead_skips_the_record():
+def test_mostly_nan_precordial_lead_is_imputed_or_skipped_by_policy():
     signal = _standard()
     signal[:3000, 8] = np.nan
+    raw = RawRecord(signal, 500.0, list(STANDARD_LEADS))
+    out, repairs = conform(raw, CONTRACT)
+    np.testing.assert_allclose(out[8], (signal[:, 7] + signal[:, 9]) / 2, atol=1e-5)
+    assert repairs == ["unusable (flat or NaN) V3",
+                       "imputed V3 from neighbouring precordial leads"]
     with pytest.raises(RecordError, match=r"missing leads: V3 \(flat or mostly NaN: V3\)"):
-        conform(RawRecord(signal, 500.0, list(STANDARD_LEADS)), CONTRACT)
+        conform(raw, CONTRACT, RepairPolicy(precordial="skip"))
 
 
-def test_missing_precordial_lead_skips_the_record():
+def test_missing_precordial_leads_are_interpolated_by_position():
     signal = _standard()
-    names = [n for n in STANDARD_LEADS if n != "V4"]
+    names = [n for n in STANDARD_LEADS if n not in ("V2", "V3", "V6")]
     keep = [STANDARD_LEADS.index(n) for n in names]
-    with pytest.raises(RecordError, match="missing leads: V4"):
+    out, repairs = conform(RawRecord(signal[:, keep], 500.0, names), CONTRACT)
+    v1, v4, v5 = signal[:, 6], signal[:, 9], signal[:, 10]
+    np.testing.assert_allclose(out[7], v1 + (v4 - v1) / 3, atol=1e-5)
+    np.testing.assert_allclose(out[8], v1 + 2 * (v4 - v1) / 3, atol=1e-5)
+    np.testing.assert_allclose(out[11], v5, atol=1e-6)  # at the edge: nearest lead
+    assert repairs == ["imputed V2,V3,V6 from neighbouring precordial leads"]
+
+
+def test_too_many_missing_precordial_leads_skip_the_record():
+    signal = _standard()
+    names = [n for n in STANDARD_LEADS if n not in ("V1", "V2", "V3", "V4")]
+    keep = [STANDARD_LEADS.index(n) for n in names]
+    with pytest.raises(RecordError, match="missing leads: V1,V2,V3,V4"):
         conform(RawRecord(signal[:, keep], 500.0, names), CONTRACT)
 
 

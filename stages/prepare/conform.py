@@ -4,6 +4,9 @@ Repairs are exact or conservative and always reported; anything else is a skip w
 
 * leads are matched by name (case-insensitive), never by position;
 * missing limb leads are derived exactly from any two of I, II, III;
+* missing precordial leads (at most ``max_imputed_leads``) are interpolated by electrode
+  position from the nearest recorded neighbours (an approximation, flagged as ``imputed``;
+  ``precordial="skip"`` drops such records instead);
 * a lead that is flat or mostly NaN counts as missing; short NaN gaps are interpolated;
 * another sampling rate is resampled with a polyphase anti-aliasing filter;
 * a longer record keeps its first ``seconds``; a shorter one is skipped.
@@ -29,6 +32,8 @@ class RepairPolicy:
     max_nan_fraction: float = 0.05
     flat_std_mv: float = 1e-4
     rate_tolerance_hz: float = 0.5
+    precordial: str = "impute"  # impute | skip
+    max_imputed_leads: int = 3
 
 
 def conform(raw: RawRecord, contract: SignalContract,
@@ -48,6 +53,11 @@ def conform(raw: RawRecord, contract: SignalContract,
             raise RecordError(f"missing leads: {_named(missing_limb, dropped)} ({err})") from err
         repairs.append(f"derived {','.join(missing_limb)}")
     missing = [name for name in contract.leads if name not in leads]
+    if missing and policy.precordial == "impute" and all(m in PRECORDIAL for m in missing) \
+            and len(missing) <= policy.max_imputed_leads and len(missing) < len(PRECORDIAL):
+        leads.update(_impute_precordial(leads, missing))
+        repairs.append(f"imputed {','.join(missing)} from neighbouring precordial leads")
+        missing = []
     if missing:
         raise RecordError(f"missing leads: {_named(missing, dropped)}")
     signal = np.stack([leads[name] for name in contract.leads])
@@ -62,6 +72,27 @@ def conform(raw: RawRecord, contract: SignalContract,
         repairs.append(f"cropped {seconds:.2f}s to first {contract.seconds:g}s")
         signal = signal[:, :n]
     return signal.astype(np.float32), repairs
+
+
+PRECORDIAL = ("V1", "V2", "V3", "V4", "V5", "V6")
+
+
+def _impute_precordial(leads: dict[str, np.ndarray], missing: list[str]
+                       ) -> dict[str, np.ndarray]:
+    """Linear interpolation along V1..V6 between the nearest recorded leads on each side."""
+    present = [i for i, name in enumerate(PRECORDIAL) if name in leads]
+    out = {}
+    for name in missing:
+        i = PRECORDIAL.index(name)
+        below = [j for j in present if j < i]
+        above = [j for j in present if j > i]
+        if below and above:
+            lo, hi = below[-1], above[0]
+            w = (i - lo) / (hi - lo)
+            out[name] = (1 - w) * leads[PRECORDIAL[lo]] + w * leads[PRECORDIAL[hi]]
+        else:
+            out[name] = leads[PRECORDIAL[(below or above)[-1 if below else 0]]].copy()
+    return out
 
 
 def _named(missing: list[str], dropped: list[str]) -> str:
