@@ -61,11 +61,16 @@ def synth(
 
 @app.command()
 def prepare(
-    source: Annotated[str | None, typer.Option(help="Source adapter, e.g. mimic-iv-ecg, "
-                                               "synthetic (default: params data.source).")] = None,
+    source: Annotated[str | None, typer.Option(help="Source adapter: mimic-iv-ecg, synthetic, "
+                                               "challenge, ptb-xl, code15, folder "
+                                               "(default: params data.source).")] = None,
     root: Annotated[Path | None, typer.Option(help="Folder of the archive.")] = None,
-    labels: Annotated[Path | None, typer.Option(help="Extra label tables (for mimic-iv-ecg: "
-                                                "the MIMIC-IV folder holding hosp/).")] = None,
+    labels: Annotated[Path | None, typer.Option(help="Label tables: for mimic-iv-ecg the "
+                                                "MIMIC-IV folder holding hosp/; for folder "
+                                                "the CSV/Parquet labels table.")] = None,
+    option: Annotated[list[str] | None, typer.Option(help="Source option KEY=VALUE, e.g. "
+                                                     "folds=recommended or rate=100 for "
+                                                     "ptb-xl; repeatable.")] = None,
     out: Annotated[Path | None, typer.Option(help="Output folder for cohort.parquet and "
                                              "signals.h5 (replaced atomically).")] = None,
     workers: Annotated[int | None, typer.Option(help="Local dask worker processes "
@@ -74,14 +79,15 @@ def prepare(
                                                   "scheduler; workers must see --root.")] = None,
     params: ParamsOption = Path("params.yaml"),
 ) -> None:
-    """Read an archive into one labelled, subject-split cohort and one signal store.
+    """Read one or more archives into one labelled, subject-split cohort and signal store.
 
     Writes OUT/cohort.parquet, OUT/signals.h5 (N x 12 x L, mV, standard lead order),
     OUT/prepare_summary.json and OUT/skipped.csv. Bad records are repaired or skipped with
-    a reason; an interrupted run leaves OUT as it was.
+    a reason; an interrupted run leaves OUT as it was. Several archives: list them under
+    data.sources in params.yaml.
     """
     from stages.prepare.records import RecordError
-    from stages.prepare.run import prepare as run_prepare
+    from stages.prepare.run import SourceSpec, prepare_sources
     from stages.prepare.sources import SourceError
     from stages.prepare.summary import print_summary
 
@@ -89,13 +95,24 @@ def prepare(
     step = cfg.prepare
     if workers is not None:
         step.workers = workers
+    data = cfg.data
+    options = dict(data.options)
+    for item in option or []:
+        key, sep, value = item.partition("=")
+        if not sep:
+            _fail(f"--option {item!r}: use KEY=VALUE")
+        options[key.strip()] = value.strip()
+    if data.sources and not (source or root):
+        specs = [SourceSpec(s["source"], Path(s["root"]),
+                            Path(s["labels"]) if s.get("labels") else None,
+                            dict(s.get("options") or {})) for s in data.sources]
+    else:
+        label_path = labels or (Path(data.labels) if data.labels else None)
+        specs = [SourceSpec(source or data.source, root or Path(data.root), label_path,
+                            options)]
     try:
-        summary = run_prepare(
-            source or cfg.data.source, root or Path(cfg.data.root), out or Path(step.out), step,
-            labels=labels or (Path(cfg.data.labels) if cfg.data.labels else None),
-            scheduler=scheduler,
-        )
-    except (SourceError, RecordError, ValueError) as err:
+        summary = prepare_sources(specs, out or Path(step.out), step, scheduler=scheduler)
+    except (SourceError, RecordError, ValueError, KeyError) as err:
         _fail(str(err))
     print_summary(summary)
 

@@ -10,10 +10,11 @@ STANDARD_LEADS: tuple[str, ...] = (
 LIMB_LEADS = STANDARD_LEADS[:6]
 
 _CANONICAL = {name.lower(): name for name in STANDARD_LEADS}
+_CANONICAL.update({"di": "I", "dii": "II", "diii": "III"})  # CODE-15% and other Brazilian sets
 
 
 def canonical_lead(name: str) -> str | None:
-    """Map a header's signal name ('AVR', 'v1', ' II ') to the standard spelling, or None."""
+    """Map a header's signal name ('AVR', 'v1', ' II ', 'DI') to the standard spelling."""
     return _CANONICAL.get(name.strip().lower())
 
 

@@ -24,9 +24,14 @@ class SynthParams:
 
 @dataclass
 class DataParams:
+    """One archive (``source``, ``root``, ``labels``, ``options``), or several under
+    ``sources`` (a list of mappings with the same keys), combined into one cohort."""
+
     source: str = "synthetic"
     root: str = "data/raw/synthetic"
     labels: str | None = None
+    options: dict[str, Any] = field(default_factory=dict)
+    sources: list[dict[str, Any]] = field(default_factory=list)
 
 
 @dataclass
@@ -40,6 +45,8 @@ class PrepareParams:
     workers: int = 2
     chunk: int = 32
     max_nan_fraction: float = 0.05
+    precordial: str = "impute"
+    max_imputed_leads: int = 3
 
 
 @dataclass

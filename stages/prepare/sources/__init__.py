@@ -3,6 +3,10 @@
 A source turns an archive into a *catalog* (one row per record: ids, a locator for the
 signal, and every label it can derive) and loads one record's signal by locator. Adding a
 format is one new module in this package that decorates its class with ``@register``.
+
+Optional catalog columns: ``split`` (a source's own recommended split, used instead of the
+seeded subject split when present) and ``derive_rr`` (compute RR from R-peaks for that
+record, when the source has no RR measurement).
 """
 
 from __future__ import annotations
@@ -35,9 +39,10 @@ class Source(abc.ABC):
 
     name: str = ""
 
-    def __init__(self, root: Path, labels: Path | None = None):
+    def __init__(self, root: Path, labels: Path | None = None, options: dict | None = None):
         self.root = Path(root)
         self.labels = Path(labels) if labels else None
+        self.options = dict(options or {})
         if not self.root.is_dir():
             raise SourceError(f"{self.name}: root folder {self.root} does not exist")
 
@@ -54,5 +59,6 @@ SOURCES: Registry[Source] = Registry("source", __name__, SourceError)
 register = SOURCES.register
 
 
-def create_source(name: str, root: Path, labels: Path | None = None) -> Source:
-    return SOURCES.get(name)(root, labels)
+def create_source(name: str, root: Path, labels: Path | None = None,
+                  options: dict | None = None) -> Source:
+    return SOURCES.get(name)(root, labels, options)
