@@ -33,7 +33,7 @@ def leads_signal(n: int, fs: float, names: list[str], seed: int = 0) -> np.ndarr
                      for j in range(len(names))], axis=1)
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def shared_dir() -> Path:
     if not SHARED.is_dir():
         pytest.skip(f"{SHARED} is absent (a user's clone has no shared/ folder)")

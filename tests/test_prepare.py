@@ -148,7 +148,7 @@ def _corrupt_copy(cohort_root: Path, dest: Path) -> dict[str, str]:
         x[:4000, names.index("V5")] = np.nan
         return x, names, fs
     rewrite(4, mostly_nan)
-    expected[ids[4]] = "missing leads"
+    expected[ids[4]] = "imputed"
 
     def drop_avl(x, names, fs):
         keep = [j for j, n in enumerate(names) if n != "aVL"]
@@ -156,10 +156,10 @@ def _corrupt_copy(cohort_root: Path, dest: Path) -> dict[str, str]:
     rewrite(5, drop_avl)
     expected[ids[5]] = "derived"
 
-    def drop_v3(x, names, fs):
-        keep = [j for j, n in enumerate(names) if n != "V3"]
+    def drop_four_v(x, names, fs):
+        keep = [j for j, n in enumerate(names) if n not in ("V1", "V2", "V3", "V4")]
         return x[:, keep], [names[j] for j in keep], fs
-    rewrite(6, drop_v3)
+    rewrite(6, drop_four_v)
     expected[ids[6]] = "missing leads"
 
     def at_250(x, names, fs):
@@ -181,13 +181,14 @@ def test_bad_records_are_repaired_or_skipped_with_a_reason(cohort_root, tmp_path
     reasons = dict(zip(skipped["record_id"], skipped["reason"], strict=True))
     cohort = pd.read_parquet(tmp_path / "out" / "cohort.parquet").set_index("record_id")
     for record_id, kind in expected.items():
-        if kind in ("interpolated", "derived", "resampled"):
+        if kind in ("interpolated", "derived", "resampled", "imputed"):
             assert kind in cohort.loc[record_id, "repairs"], record_id
         else:
             assert reasons[record_id].startswith(kind), (record_id, reasons[record_id])
-    assert summary["records"] == {"catalogued": N, "prepared": N - 6, "skipped": 6}
-    assert summary["skipped_by_reason"]["missing leads"] == 2
-    assert summary["repaired"] == {"interpolated": 1, "derived": 1, "resampled": 1}
+    assert summary["records"] == {"catalogued": N, "prepared": N - 5, "skipped": 5}
+    assert summary["skipped_by_reason"]["missing leads"] == 1
+    assert summary["repaired"] == {"interpolated": 1, "derived": 1, "resampled": 1,
+                                   "unusable": 1, "imputed": 1}
 
 
 def test_interrupted_prepare_leaves_no_output(cohort_root, tmp_path, monkeypatch):
