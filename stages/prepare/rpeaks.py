@@ -21,32 +21,56 @@ MIN_BEATS = 3
 RR_PLAUSIBLE_MS = (200.0, 3000.0)
 
 
-def _lead_rr(x: np.ndarray, fs: int) -> float | None:
+def lead_peaks(x: np.ndarray, fs: int) -> np.ndarray:
+    """R-peak sample indices of one lead (empty when the lead is flat or detection fails)."""
     import neurokit2 as nk  # imported here: only sources without RR need it
 
     if not np.isfinite(x).all() or np.std(x) < 1e-3:
-        return None
+        return np.array([], dtype=int)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:
             clean = nk.ecg_clean(x, sampling_rate=fs, method="neurokit")
             _, info = nk.ecg_peaks(clean, sampling_rate=fs, method="neurokit")
         except (ValueError, IndexError, ZeroDivisionError):
-            return None
-    peaks = np.asarray(info["ECG_R_Peaks"])
+            return np.array([], dtype=int)
+    return np.asarray(info["ECG_R_Peaks"], dtype=int)
+
+
+def _plausible_rr(peaks: np.ndarray, fs: int) -> float | None:
     if len(peaks) < MIN_BEATS:
         return None
     rr = float(np.diff(peaks).mean() / fs * 1000)
     return rr if RR_PLAUSIBLE_MS[0] <= rr <= RR_PLAUSIBLE_MS[1] else None
 
 
+def _per_lead(signal: np.ndarray, fs: int) -> dict[str, tuple[np.ndarray, float]]:
+    out = {}
+    for lead in LEADS:
+        peaks = lead_peaks(signal[STANDARD_LEADS.index(lead)], fs)
+        rr = _plausible_rr(peaks, fs)
+        if rr is not None:
+            out[lead] = (peaks, rr)
+    return out
+
+
+def _failure() -> str:
+    return f"no lead of {', '.join(LEADS)} gave {MIN_BEATS}+ beats with a plausible RR"
+
+
 def derive_rr(signal: np.ndarray, fs: int) -> tuple[float | None, str]:
     """(mean RR in ms or None, a note: leads used, or why detection failed)."""
-    estimates = {}
-    for lead in LEADS:
-        value = _lead_rr(signal[STANDARD_LEADS.index(lead)], fs)
-        if value is not None:
-            estimates[lead] = value
+    estimates = _per_lead(signal, fs)
     if not estimates:
-        return None, f"no lead of {', '.join(LEADS)} gave {MIN_BEATS}+ beats with a plausible RR"
-    return float(np.median(list(estimates.values()))), "from " + ",".join(estimates)
+        return None, _failure()
+    return float(np.median([rr for _, rr in estimates.values()])), "from " + ",".join(estimates)
+
+
+def beat_sequence(signal: np.ndarray, fs: int) -> np.ndarray:
+    """The R-peaks of the lead whose mean RR is the median of the qualifying leads (the
+    same consensus as ``derive_rr``); empty when no lead qualifies."""
+    estimates = _per_lead(signal, fs)
+    if not estimates:
+        return np.array([], dtype=int)
+    ordered = sorted(estimates.values(), key=lambda item: item[1])
+    return ordered[(len(ordered) - 1) // 2][0]
