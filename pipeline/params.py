@@ -76,6 +76,7 @@ class FitParams:
     backbones: list[str] = field(default_factory=lambda: ["moment", "timesnet", "dlinear"])
     inputs: dict[str, str] = field(default_factory=dict)
     expert_loss_weight: float = 1.0
+    gate_inputs: list[str] = field(default_factory=lambda: ["gate"])
     seeds: int = 3
     hidden: int = 128
     adapter: str = "lora"

@@ -194,3 +194,15 @@ def test_per_output_gate_gives_distributions():
     assert weights.shape == (5, 2, 3)
     torch.testing.assert_close(mixture.sum(-1), torch.ones(5))
     torch.testing.assert_close(weights.sum(1), torch.ones(5, 3))
+
+
+def test_phase_aware_gate_reads_several_stores(fake):
+    root, _ = fake
+    params = _params(seeds=1, gate_inputs=["gate", "weak"])
+    result = fit_task("rr", params, root / "cohort.parquet", root / "cache")
+    assert result.metrics["gate_inputs"] == ["gate", "weak"]
+    assert result.gate_dim == 10 + 6  # lead-subset input and the extra store, side by side
+    model = result.models[0]["model"]
+    assert model.gate.net[0].in_features == 16
+    assert result.metrics["methods"]["ensemble"]["mae"]["mean"] < \
+        0.5 * result.metrics["methods"]["mean_predictor"]["mae"]["mean"]

@@ -104,15 +104,17 @@ class FeatureSource:
 
 
 def load_features(cache_dir: Path, backbones: list[str], cohort_digest: str, n_rows: int,
-                  max_memory_gb: float = 4.0, inputs: dict[str, str] | None = None
-                  ) -> FeatureSource:
+                  max_memory_gb: float = 4.0, inputs: dict[str, str] | None = None,
+                  gate_inputs: list[str] | None = None) -> FeatureSource:
     """Open the experts' and the gate's stores; refuse any made from another cohort.
 
     ``inputs`` picks the cached array an expert reads (``per_lead`` arrays are flattened);
-    by default ``features``.
+    by default ``features``. ``gate_inputs`` are the stores the gate reads, side by side:
+    the lead subset (``gate``) by default; adding ``rhythm`` makes the gate phase-aware.
     """
+    gate_inputs = list(gate_inputs or [GATE])
     arrays, fingerprints = {}, {}
-    for name in [*backbones, GATE]:
+    for name in dict.fromkeys([*backbones, *gate_inputs]):
         array_name = (inputs or {}).get(name, "features")
         features, fingerprint = open_features(Path(cache_dir) / f"{name}.zarr", array_name)
         if fingerprint.get("cohort_digest") != cohort_digest or features.shape[0] != n_rows:
@@ -126,6 +128,11 @@ def load_features(cache_dir: Path, backbones: list[str], cohort_digest: str, n_r
         array = da.from_array(features, chunks=(chunks, *features.shape[1:]))
         arrays[name] = array.reshape(array.shape[0], -1)
         fingerprints[name] = fingerprint
+    gate = da.concatenate([arrays[name] for name in gate_inputs], axis=1)
+    for name in gate_inputs:
+        if name not in backbones:
+            arrays.pop(name)
+    arrays[GATE] = gate
     size_gb = sum(a.nbytes for a in arrays.values()) / 2**30
     block = int(next(iter(arrays.values())).chunks[0][0])
     source = FeatureSource(arrays, fingerprints, in_memory=size_gb <= max_memory_gb,

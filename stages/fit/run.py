@@ -125,7 +125,7 @@ def fit_task(task_name: str, params: FitParams, cohort_path: Path, cache_dir: Pa
         raise TaskSkipped(f"no {task_name} labels in the {', '.join(empty)} split(s) of "
                           f"{cohort_path}")
     source = load_features(cache_dir, params.backbones, cohort_digest(cohort_path), len(cohort),
-                           params.max_memory_gb, params.inputs)
+                           params.max_memory_gb, params.inputs, params.gate_inputs)
     source.fit_scaling(rows["train"])
     objective, scale = _objective(task, targets, rows["train"], params)
     config = _model_config(params)
@@ -175,6 +175,7 @@ def fit_task(task_name: str, params: FitParams, cohort_path: Path, cache_dir: Pa
         "gate_weights": {b: {"mean": float(np.mean([g[i] for g in gate_means])),
                              "std": float(np.std([g[i] for g in gate_means]))}
                          for i, b in enumerate(dims)},
+        "gate_inputs": list(params.gate_inputs),
         "adapter": params.adapter, "inputs": {b: params.inputs.get(b, "features")
                                               for b in params.backbones},
         "trainable": trainable,
