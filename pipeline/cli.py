@@ -169,6 +169,9 @@ def extract(
     typer.echo(f"{backbone}: {summary['status']} - {summary['rows']} rows at "
                f"{summary['path']} ({weights_note}, digest {summary['weights_digest']}, "
                f"{summary['device']}{rate})")
+    if "failed_rows" in summary:
+        typer.echo(f"{backbone}: no measurement (too few beats, flat or noise) on "
+                   f"{summary['failed_rows']} of {summary['rows']} ECGs; their rows are zeros")
 
 
 @app.command("fit-ensemble")

@@ -76,6 +76,25 @@ def test_extract_and_fit_run_end_to_end_on_the_challenge_sample(cinc, tmp_path):
         assert metrics["n"]["test"] > 0 and "ensemble" in metrics["methods"]
 
 
+def test_rhythm_and_morphology_experts_on_all_fifty_real_records(cinc, tmp_path):
+    from pipeline.feature_cache import open_features
+    from stages.extract.run import extract
+
+    _, out, _ = cinc
+    for name in ("rhythm", "morphology"):
+        summary = extract(name, BackboneParams(batch_size=16),
+                          ExtractParams(out=str(tmp_path), shard_rows=16), out)
+        features, _ = open_features(tmp_path / f"{name}.zarr")
+        values = features[:]
+        assert values.shape[0] == 50 and np.isfinite(values).all()
+        assert summary["failed_rows"] == int((~values.any(axis=1)).sum()) <= 5
+    rhythm = open_features(tmp_path / "rhythm.zarr")[0][:]
+    cohort = pd.read_parquet(out / "cohort.parquet")
+    detected = rhythm[:, -1] == 1
+    np.testing.assert_allclose(rhythm[detected, 1], cohort["rr"].to_numpy()[detected],
+                               rtol=0.1)  # the expert's mean RR agrees with derived rr
+
+
 def test_age_and_sex_parsing_edge_cases():
     from stages.prepare.sources.challenge import header_labels, parse_age
 

@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from pipeline import __version__
 from pipeline.dask_runtime import dask_client
-from pipeline.feature_cache import CacheBuilder, check_published, write_shard
+from pipeline.feature_cache import CacheBuilder, check_published, open_features, write_shard
 from pipeline.params import BackboneParams, ExtractParams
 from pipeline.signal_store import SignalStore
 from stages.extract.backbones import RANDOM, Backbone, create_backbone
@@ -170,6 +170,9 @@ def extract(name: str, params: BackboneParams, settings: ExtractParams, prepared
             run_shards(job, pending, bar.update)
     compute_s = time.perf_counter() - compute_started
     builder.publish()
+    if backbone.zero_row_is_failure:
+        features, _ = open_features(final)
+        summary["failed_rows"] = int((~np.any(features[:] != 0, axis=1)).sum())
     return {**summary, "status": "resumed" if len(pending) < builder.n_shards else "built",
             "computed_rows": todo, "seconds": round(time.perf_counter() - started, 2),
             "ecg_per_s": round(todo / compute_s, 1) if compute_s > 0 else None}

@@ -42,6 +42,7 @@ class Backbone(abc.ABC):
     revision: ClassVar[int] = 1  # bump when the features change for the same weights
     defaults: ClassVar[dict[str, Any]] = {}
     needs_weights: ClassVar[bool] = True
+    zero_row_is_failure: ClassVar[bool] = False  # measured experts: all-zero = not measurable
     hub_example: ClassVar[str] = "a local folder"
 
     def __init__(self, model: dict[str, Any] | None = None, per_lead: bool = False):

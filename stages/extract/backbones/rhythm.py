@@ -69,6 +69,7 @@ def rhythm_features(peaks: np.ndarray, fs: int) -> np.ndarray:
 class Rhythm(Backbone):
     defaults = {"fs": 500}
     needs_weights = False
+    zero_row_is_failure = True
 
     @property
     def contract(self) -> InputContract:
