@@ -176,7 +176,9 @@ def extract(
 
 @app.command("fit-ensemble")
 def fit_ensemble(
-    task: Annotated[str, typer.Option(help="rr | age | sex | ka | ad")],
+    task: Annotated[str, typer.Option(help="rr | age | sex | ka | ad, or all: one multi-task "
+                                      "model for the five, compared with the single-task "
+                                      "fits in metrics/.")],
     backbones: Annotated[str | None, typer.Option(help="Comma-separated experts (default: "
                                                   "params fit.backbones).")] = None,
     seeds: Annotated[int | None, typer.Option(help="Number of seeds (fresh model and "
@@ -195,8 +197,8 @@ def fit_ensemble(
     from stages.fit.run import TaskSkipped, fit_task, write_skipped
     from stages.fit.summary import print_fit
 
-    if task not in TASKS:
-        _fail(f"unknown task {task!r}; choose one of {', '.join(TASKS)}")
+    if task not in (*TASKS, "all"):
+        _fail(f"unknown task {task!r}; choose one of {', '.join(TASKS)} or all")
     cfg = _params(params)
     fit = cfg.fit
     if backbones:
@@ -205,6 +207,9 @@ def fit_ensemble(
         fit.seeds = seeds
     if adapter is not None:
         fit.adapter = adapter
+    if task == "all":
+        _fit_all(fit, Path(cfg.prepare.out) / "cohort.parquet", Path(cfg.extract.out))
+        return
     try:
         result = fit_task(task, fit, Path(cfg.prepare.out) / "cohort.parquet",
                           Path(cfg.extract.out))
@@ -216,6 +221,20 @@ def fit_ensemble(
         _fail(str(err))
     result.write(fit)
     print_fit(result.metrics)
+
+
+def _fit_all(fit, cohort: Path, cache: Path) -> None:
+    from pipeline.feature_cache import CacheError
+    from stages.fit.multitask import compare_with_single_task, fit_multitask
+    from stages.fit.run import write_metrics
+    from stages.fit.summary import print_multitask
+
+    try:
+        result = compare_with_single_task(fit_multitask(fit, cohort, cache), fit.metrics)
+    except (CacheError, FileNotFoundError, ValueError) as err:
+        _fail(str(err))
+    write_metrics(Path(fit.metrics) / "multitask.json", result)
+    print_multitask(result)
 
 
 @app.command()

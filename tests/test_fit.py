@@ -206,3 +206,28 @@ def test_phase_aware_gate_reads_several_stores(fake):
     assert model.gate.net[0].in_features == 16
     assert result.metrics["methods"]["ensemble"]["mae"]["mean"] < \
         0.5 * result.metrics["methods"]["mean_predictor"]["mae"]["mean"]
+
+
+def test_one_multitask_model_trains_with_partly_missing_labels(fake, tmp_path):
+    from stages.fit.multitask import compare_with_single_task, fit_multitask
+
+    root, cohort = fake
+    table = pq.read_table(root / "cohort.parquet")
+    rng = np.random.default_rng(3)
+    for column in ("rr", "ka", "ad"):
+        values = table.column(column).to_pylist()
+        values = [None if rng.random() < 0.4 else v for v in values]  # 40% unlabelled
+        index = table.schema.get_field_index(column)
+        table = table.set_column(index, column, pa.array(values, type=table.schema.field(
+            column).type))
+    pq.write_table(table, tmp_path / "cohort.parquet")
+    result = fit_multitask(_params(seeds=1), tmp_path / "cohort.parquet", root / "cache")
+    assert set(result["tasks"]) == {"rr", "age", "sex", "ka", "ad"}
+    rr, sex = result["tasks"]["rr"], result["tasks"]["sex"]
+    assert rr["n_test"] < sex["n_test"]  # rr's missing labels are not scored
+    trivial = np.abs(cohort["rr"] - cohort["rr"].mean()).mean()
+    assert rr["multitask"]["mae"]["mean"] < 0.5 * trivial
+    assert sex["multitask"]["f1"]["mean"] > 0.9
+    compared = compare_with_single_task(result, tmp_path / "no-metrics")
+    assert compared["tasks"]["rr"]["single_task"] is None
+    assert "fit-ensemble --task rr" in compared["tasks"]["rr"]["single_task_note"]

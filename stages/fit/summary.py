@@ -6,6 +6,27 @@ from rich.console import Console
 from rich.table import Table
 
 
+def _cell(values: dict | None, key: str) -> str:
+    if not values or values.get(key) is None:
+        return "n/a"
+    return f"{values[key]['mean']:.3f} ± {values[key]['std']:.3f}"
+
+
+def print_multitask(result: dict, console: Console | None = None) -> None:
+    console = console or Console()
+    table = Table(title=f"fit-ensemble all: one multi-task model, {len(result['seeds'])} seeds")
+    for column in ("task", "metric", "test n", "multi-task", "single-task ensemble"):
+        table.add_column(column, justify="left" if column in ("task", "metric") else "right")
+    for task, entry in result["tasks"].items():
+        key = entry["metric"]
+        table.add_row(task, key, str(entry["n_test"]), _cell(entry["multitask"], key),
+                      _cell(entry["single_task"], key))
+    console.print(table)
+    for task, entry in result["tasks"].items():
+        if entry.get("single_task_note"):
+            console.print(f"note: {task}: {entry['single_task_note']}")
+
+
 def print_fit(metrics: dict, console: Console | None = None) -> None:
     console = console or Console()
     names = list(next(iter(metrics["methods"].values())) or {})
