@@ -229,3 +229,18 @@ def test_roc_and_confusion_arithmetic():
                                        np.array(["b", "a", "a", "a", "b"]))
     assert classes == ["a", "b", "Other"]
     np.testing.assert_allclose(matrix, [[1, 0, 0], [0.5, 0.5, 0], [0, 1, 0]])
+
+
+def test_multitask_section_when_present(tmp_path):
+    metrics = tmp_path / "metrics"
+    metrics.mkdir()
+    (metrics / "rr.json").write_text(json.dumps({"task": "rr", "skipped": "no labels"}))
+    (metrics / "multitask.json").write_text(json.dumps({"tasks": {
+        "age": {"metric": "mae", "n_test": 10, "multitask": {"mae": {"mean": 9.5, "std": 0.25}},
+                "single_task": {"mae": {"mean": 9.0, "std": 0.1}}},
+        "ka": {"metric": "f1", "n_test": 10, "multitask": {"f1": {"mean": 0.4, "std": 0.1}},
+               "single_task": None}}}))
+    text = write_report(metrics, tmp_path / "predictions", tmp_path / "out").read_text()
+    assert "## Multi-task model vs single-task ensembles" in text
+    assert "| age (mae ↓) | 9.50 ± 0.25 | 9.00 ± 0.10 |" in text
+    assert "| ka (f1 ↑) | 0.400 ± 0.100 | not comparable |" in text

@@ -30,6 +30,27 @@ _MAIN_PLOT: dict[str, tuple[str, str, Callable[..., Path]]] = {
 _PLOT_ERRORS = (OSError, ValueError, KeyError, TypeError)
 
 
+def _multitask_section(path: Path) -> list[str]:
+    """The one-model-for-all-tasks fit beside each single-task ensemble, when it was run."""
+    if not path.exists():
+        return []
+    try:
+        result = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return ["", "## Multi-task model", "", f"`{path}` is unreadable."]
+    lines = ["", "## Multi-task model vs single-task ensembles", "",
+             "One model for all tasks (`pipeline fit-ensemble --task all`), same experts, gate "
+             "inputs and seeds as the single-task fits.", "",
+             "| task (metric) | multi-task | single-task ensemble |", "|---|---|---|"]
+    for task, entry in result.get("tasks", {}).items():
+        metric = entry["metric"]
+        single = entry.get("single_task")
+        lines.append(f"| {task} ({metric} {_arrow(metric)}) | "
+                     f"{format_cell(metric, entry['multitask'].get(metric))} | "
+                     f"{format_cell(metric, single.get(metric)) if single else 'not comparable'} |")
+    return lines
+
+
 def write_report(metrics_dir: Path, predictions_dir: Path, out_dir: Path) -> Path:
     """Write out_dir/summary.md and out_dir/plots/*.png; return the summary's path."""
     metrics_dir, predictions_dir, out_dir = Path(metrics_dir), Path(predictions_dir), Path(out_dir)
@@ -49,6 +70,7 @@ def write_report(metrics_dir: Path, predictions_dir: Path, out_dir: Path) -> Pat
         *_skipped_section(tasks),
         *(line for task, m in fitted.items() for line in _task_section(task, m)),
         *_gate_section(fitted),
+        *_multitask_section(metrics_dir / "multitask.json"),
         *_data_section(tasks),
         *_plots_section(plot_links, plot_notes),
     ]
