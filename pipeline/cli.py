@@ -238,6 +238,28 @@ def _fit_all(fit, cohort: Path, cache: Path) -> None:
 
 
 @app.command()
+def compare(params: ParamsOption = Path("params.yaml")) -> None:
+    """Fit the ensemble of every variant in params.yaml `variants:` for every task.
+
+    Each variant overrides `fit:` (e.g. adds the rhythm and morphology experts, or makes
+    the gate phase-aware); results go to metrics/variants.json and into the report.
+    """
+    from pipeline.feature_cache import CacheError
+    from stages.fit.compare import compare_variants
+    from stages.fit.run import write_metrics
+    from stages.fit.summary import print_variants
+
+    cfg = _params(params)
+    try:
+        result = compare_variants(cfg.fit, cfg.variants, cfg.tasks,
+                                  Path(cfg.prepare.out) / "cohort.parquet", Path(cfg.extract.out))
+    except (CacheError, FileNotFoundError, ValueError, TypeError) as err:
+        _fail(str(err))
+    write_metrics(Path(cfg.fit.metrics) / "variants.json", result)
+    print_variants(result)
+
+
+@app.command()
 def report(
     params: ParamsOption = Path("params.yaml"),
     out: Annotated[Path, typer.Option(help="Folder for summary.md and plots/.")] = Path("reports"),

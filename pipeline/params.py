@@ -105,6 +105,7 @@ class Params:
     extract: ExtractParams = field(default_factory=ExtractParams)
     backbones: dict[str, BackboneParams] = field(default_factory=dict)
     fit: FitParams = field(default_factory=FitParams)
+    variants: dict[str, dict[str, Any]] = field(default_factory=dict)
     tasks: list[str] = field(default_factory=lambda: list(TASKS))
 
 
@@ -142,7 +143,7 @@ def load_params(path: Path | str = "params.yaml") -> Params:
         raise ParamsError(f"{path} is not valid YAML: {err}") from err
     sections = {"synth": SynthParams, "data": DataParams, "prepare": PrepareParams,
                 "extract": ExtractParams, "fit": FitParams}
-    unknown = sorted(set(raw) - set(sections) - {"tasks", "backbones"})
+    unknown = sorted(set(raw) - set(sections) - {"tasks", "backbones", "variants"})
     if unknown:
         raise ParamsError(f"{path}: unknown section(s) {', '.join(unknown)}")
     tasks = raw.get("tasks", list(TASKS))
@@ -151,5 +152,9 @@ def load_params(path: Path | str = "params.yaml") -> Params:
         raise ParamsError(f"{path}: unknown task(s) {', '.join(bad)}; known: {', '.join(TASKS)}")
     backbones = {name: _section(BackboneParams, section, f"{path}:backbones.{name}")
                  for name, section in (raw.get("backbones") or {}).items()}
+    variants = raw.get("variants") or {}
+    for name, overrides in variants.items():
+        _section(FitParams, overrides, f"{path}:variants.{name}")  # same keys as fit:
     return Params(**{name: _section(cls, raw.get(name), f"{path}:{name}")
-                     for name, cls in sections.items()}, backbones=backbones, tasks=list(tasks))
+                     for name, cls in sections.items()}, backbones=backbones,
+                  variants={k: dict(v or {}) for k, v in variants.items()}, tasks=list(tasks))

@@ -231,3 +231,32 @@ def test_one_multitask_model_trains_with_partly_missing_labels(fake, tmp_path):
     compared = compare_with_single_task(result, tmp_path / "no-metrics")
     assert compared["tasks"]["rr"]["single_task"] is None
     assert "fit-ensemble --task rr" in compared["tasks"]["rr"]["single_task_note"]
+
+
+def test_variants_fit_only_the_ensemble_and_reproduce_the_fit_stage(fake):
+    from stages.fit.compare import compare_variants
+
+    root, _ = fake
+    params = _params(seeds=2)
+    result = compare_variants(params, {"both": {}, "strong_only": {"backbones": ["strong"]}},
+                              ["rr", "sex"], root / "cohort.parquet", root / "cache")
+    full = fit_task("rr", params, root / "cohort.parquet", root / "cache").metrics
+    assert result["tasks"]["rr"]["variants"]["both"] == full["methods"]["ensemble"]
+    assert set(result["tasks"]["sex"]["variants"]) == {"both", "strong_only"}
+    lean = fit_task("rr", params, root / "cohort.parquet", root / "cache", baselines=False)
+    assert set(lean.metrics["methods"]) == {"ensemble", "mean_predictor"}
+
+
+def test_an_unchanged_variant_reuses_the_fit_stage_metrics(fake, tmp_path):
+    from stages.fit.compare import compare_variants
+
+    root, _ = fake
+    params = _params(seeds=1, metrics=str(tmp_path / "m"), predictions=str(tmp_path / "p"),
+                     models=str(tmp_path / "models"))
+    fit_task("rr", params, root / "cohort.parquet", root / "cache").write(params)
+    saved = json.loads((tmp_path / "m" / "rr.json").read_text())
+    saved["methods"]["ensemble"]["mae"]["mean"] = -1.0  # marks the reused value
+    (tmp_path / "m" / "rr.json").write_text(json.dumps(saved))
+    result = compare_variants(params, {"same": {}}, ["rr"], root / "cohort.parquet",
+                              root / "cache")
+    assert result["tasks"]["rr"]["variants"]["same"]["mae"]["mean"] == -1.0

@@ -112,8 +112,9 @@ def _aggregate(per_seed: list[dict]) -> dict:
 
 
 def fit_task(task_name: str, params: FitParams, cohort_path: Path, cache_dir: Path,
-             seeds: int | None = None) -> dict:
-    """Fit and evaluate one task; writes metrics, predictions and models; returns metrics."""
+             seeds: int | None = None, baselines: bool = True) -> FitResult:
+    """Fit and evaluate one task (the ensemble, and with ``baselines`` each expert alone and
+    their uniform average); the caller writes the result."""
     task = TASKS[task_name]
     cohort = pd.read_parquet(cohort_path)
     split = cohort["split"].to_numpy()
@@ -137,6 +138,8 @@ def fit_task(task_name: str, params: FitParams, cohort_path: Path, cache_dir: Pa
     for seed in seeds_list:
         methods = {}
         for k, name in enumerate([*params.backbones, ENSEMBLE]):
+            if not baselines and name != ENSEMBLE:
+                continue  # same seeds either way, so the ensemble is the same
             torch.manual_seed(seed * 1000 + k)  # a fresh model and optimiser per seed/method
             members = dims if name == ENSEMBLE else {name: dims[name]}
             model = Ensemble(members, source.dims()[GATE], d_out, task.kind != "regression",
@@ -154,11 +157,13 @@ def fit_task(task_name: str, params: FitParams, cohort_path: Path, cache_dir: Pa
                 predictions.append(_prediction_rows(task, targets, cohort, rows["test"], seed,
                                                     methods[name], test_experts, test_gate,
                                                     list(dims), scale))
-        singles = [methods[b] for b in params.backbones]
-        uniform_val = np.mean([_raw(m, "val") for m in singles], axis=0)
-        uniform_test = np.mean([_raw(m, "test") for m in singles], axis=0)
-        methods[UNIFORM] = _Method(task, uniform_val, uniform_test, targets.y[rows["val"]],
-                                   targets.y[rows["test"]], {"mean": 0.0, "std": 1.0})
+        if baselines:
+            singles = [methods[b] for b in params.backbones]
+            uniform_val = np.mean([_raw(m, "val") for m in singles], axis=0)
+            uniform_test = np.mean([_raw(m, "test") for m in singles], axis=0)
+            methods[UNIFORM] = _Method(task, uniform_val, uniform_test,
+                                       targets.y[rows["val"]], targets.y[rows["test"]],
+                                       {"mean": 0.0, "std": 1.0})
         for name, method in methods.items():
             per_method.setdefault(name, []).append(method.metrics())
     trivial = _trivial(task, targets, rows)
@@ -170,8 +175,8 @@ def fit_task(task_name: str, params: FitParams, cohort_path: Path, cache_dir: Pa
         "methods": {ENSEMBLE: _aggregate(per_method[ENSEMBLE]),
                     task.trivial_name: {k: {"mean": v, "std": 0.0} if v is not None else None
                                         for k, v in trivial.items()},
-                    **{b: _aggregate(per_method[b]) for b in params.backbones},
-                    UNIFORM: _aggregate(per_method[UNIFORM])},
+                    **{name: _aggregate(values) for name, values in per_method.items()
+                       if name != ENSEMBLE}},
         "gate_weights": {b: {"mean": float(np.mean([g[i] for g in gate_means])),
                              "std": float(np.std([g[i] for g in gate_means]))}
                          for i, b in enumerate(dims)},

@@ -27,6 +27,23 @@ def print_multitask(result: dict, console: Console | None = None) -> None:
             console.print(f"note: {task}: {entry['single_task_note']}")
 
 
+def print_variants(result: dict, console: Console | None = None) -> None:
+    console = console or Console()
+    names = list(result["variants"])
+    table = Table(title=f"compare: ensemble per variant, {len(result['seeds'])} seeds")
+    table.add_column("task")
+    for name in names:
+        table.add_column(name, justify="right")
+    for task, entry in result["tasks"].items():
+        key = entry["metric"]
+        if entry.get("skipped"):
+            table.add_row(f"{task} ({key})", *["skipped"] * len(names))
+            continue
+        table.add_row(f"{task} ({key})", *(_cell(entry["variants"].get(n), key)
+                                           for n in names))
+    console.print(table)
+
+
 def print_fit(metrics: dict, console: Console | None = None) -> None:
     console = console or Console()
     names = list(next(iter(metrics["methods"].values())) or {})
