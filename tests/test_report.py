@@ -244,3 +244,23 @@ def test_multitask_section_when_present(tmp_path):
     assert "## Multi-task model vs single-task ensembles" in text
     assert "| age (mae ↓) | 9.50 ± 0.25 | 9.00 ± 0.10 |" in text
     assert "| ka (f1 ↑) | 0.400 ± 0.100 | not comparable |" in text
+
+
+def test_variants_section_bolds_the_best_and_adds_multitask(tmp_path):
+    metrics = tmp_path / "metrics"
+    metrics.mkdir()
+    (metrics / "ka.json").write_text(json.dumps({"task": "ka", "skipped": "no labels"}))
+    (metrics / "variants.json").write_text(json.dumps({
+        "seeds": [0, 1], "variants": {"enecg": {}, "moe": {"backbones": ["a", "rhythm"]}},
+        "tasks": {"rr": {"metric": "mae", "variants": {
+            "enecg": {"mae": {"mean": 62.7, "std": 1.0}},
+            "moe": {"mae": {"mean": 4.8, "std": 0.2}}}},
+                  "ka": {"metric": "f1", "variants": {}, "skipped": "no ka labels"}}}))
+    (metrics / "multitask.json").write_text(json.dumps({"tasks": {
+        "rr": {"metric": "mae", "n_test": 5, "multitask": {"mae": {"mean": 65.0, "std": 1.0}},
+               "single_task": None}}}))
+    text = write_report(metrics, tmp_path / "predictions", tmp_path / "out").read_text()
+    assert "## ECG-MoE variants: the ensemble per task" in text
+    assert "| rr (mae ↓) | 62.7 ± 1.0 | **4.80 ± 0.20** | 65.0 ± 1.0 |" in text
+    assert "| ka (skipped) | — | — | — |" in text
+    assert "`moe`: backbones=['a', 'rhythm']" in text

@@ -30,6 +30,46 @@ _MAIN_PLOT: dict[str, tuple[str, str, Callable[..., Path]]] = {
 _PLOT_ERRORS = (OSError, ValueError, KeyError, TypeError)
 
 
+def _read_json(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text()) if path.exists() else None
+    except (OSError, ValueError):
+        return None
+
+
+def _variants_section(path: Path, multitask_path: Path) -> list[str]:
+    """Each ECG-MoE addition's effect per task: the ensemble of every variant, same cache."""
+    result = _read_json(path)
+    if not result:
+        return []
+    names = list(result.get("variants", {}))
+    multitask = (_read_json(multitask_path) or {}).get("tasks", {})
+    header = [*names, "multi-task (first variant's experts)"] if multitask else names
+    lines = ["", "## ECG-MoE variants: the ensemble per task", "",
+             "Each column fits the ensemble with the `fit:` overrides of one entry of "
+             "`variants:` in params.yaml (same cache, splits and seeds; mean ± std over "
+             "seeds); best per task in bold.", "",
+             "| task (metric) | " + " | ".join(header) + " |",
+             "|---|" + "---|" * len(header)]
+    for task, entry in result.get("tasks", {}).items():
+        metric = entry["metric"]
+        if entry.get("skipped"):
+            lines.append(f"| {task} (skipped) | " + " | ".join("—" for _ in header) + " |")
+            continue
+        values = {n: (entry["variants"].get(n) or {}).get(metric) for n in names}
+        best = best_methods(metric, values)
+        cells = [f"**{format_cell(metric, v)}**" if n in best else format_cell(metric, v)
+                 for n, v in values.items()]
+        if multitask:
+            mt = multitask.get(task, {}).get("multitask", {}).get(metric)
+            cells.append(format_cell(metric, mt) if mt else "n/a")
+        lines.append(f"| {task} ({metric} {_arrow(metric)}) | " + " | ".join(cells) + " |")
+    lines += ["", "Variants: " + "; ".join(
+        f"`{n}`: " + (", ".join(f"{k}={v}" for k, v in o.items()) or "fit: as is")
+        for n, o in result.get("variants", {}).items())]
+    return lines
+
+
 def _multitask_section(path: Path) -> list[str]:
     """The one-model-for-all-tasks fit beside each single-task ensemble, when it was run."""
     if not path.exists():
@@ -70,6 +110,7 @@ def write_report(metrics_dir: Path, predictions_dir: Path, out_dir: Path) -> Pat
         *_skipped_section(tasks),
         *(line for task, m in fitted.items() for line in _task_section(task, m)),
         *_gate_section(fitted),
+        *_variants_section(metrics_dir / "variants.json", metrics_dir / "multitask.json"),
         *_multitask_section(metrics_dir / "multitask.json"),
         *_data_section(tasks),
         *_plots_section(plot_links, plot_notes),
