@@ -44,7 +44,7 @@ def _variants_section(path: Path, multitask_path: Path) -> list[str]:
         return []
     names = list(result.get("variants", {}))
     multitask = (_read_json(multitask_path) or {}).get("tasks", {})
-    header = [*names, "multi-task (first variant's experts)"] if multitask else names
+    header = [*names, "multi-task (fit: experts)"] if multitask else names
     lines = ["", "## ECG-MoE variants: the ensemble per task", "",
              "Each column fits the ensemble with the `fit:` overrides of one entry of "
              "`variants:` in params.yaml (same cache, splits and seeds; mean ± std over "
