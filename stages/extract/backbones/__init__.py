@@ -15,6 +15,7 @@ import re
 from pathlib import Path
 from typing import Any, ClassVar
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -114,6 +115,48 @@ class Backbone(abc.ABC):
             f"{self.hub_example} with --weights or in params.yaml "
             f"(backbones.{self.name}.weights), or `random` for a random-weight demo"
         )
+
+
+class WeightlessBackbone(Backbone):
+    """Extractors without parameters (gate inputs, measured experts): nothing to build,
+    save or load, and nothing to download."""
+
+    needs_weights = False
+
+    def build_random(self, seed: int) -> nn.Module:
+        return nn.Identity()
+
+    def save(self, model: nn.Module, folder: Path) -> None:
+        """Nothing to save: there are no parameters."""
+
+    def load(self, weights: str) -> nn.Module:
+        return nn.Identity()
+
+
+class BeatBackbone(WeightlessBackbone):
+    """Measured ECG-MoE experts: one feature row per record from its consensus R-peaks.
+
+    A row of zeros means nothing could be measured (too few beats, flat line, noise).
+    """
+
+    defaults = {"fs": 500}
+    zero_row_is_failure = True
+
+    @property
+    def contract(self) -> InputContract:
+        return InputContract(length=self.config["fs"] * 10)
+
+    @abc.abstractmethod
+    def record_features(self, signal: np.ndarray, peaks: np.ndarray, fs: int) -> np.ndarray:
+        """The feature row of one (12, L) record in mV given its R-peak indices."""
+
+    def features(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        from stages.prepare.rpeaks import beat_sequence
+
+        fs = self.config["fs"]
+        signals = x.detach().cpu().double().numpy()
+        rows = [self.record_features(s, beat_sequence(s, fs), fs) for s in signals]
+        return {"features": torch.from_numpy(np.stack(rows)).to(x.device)}
 
 
 BACKBONES: Registry[Backbone] = Registry("backbone", __name__, ValueError)

@@ -7,20 +7,16 @@ record. There are no weights.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
-from torch import nn
 
 from pipeline.feature_cache import ArraySpec
-from stages.extract.backbones import Backbone, register
+from stages.extract.backbones import WeightlessBackbone, register
 from stages.extract.contract import InputContract
 
 
 @register("gate")
-class GateInputs(Backbone):
+class GateInputs(WeightlessBackbone):
     defaults = {"leads": ["II"], "length": 500}
-    needs_weights = False
 
     @property
     def contract(self) -> InputContract:
@@ -29,15 +25,6 @@ class GateInputs(Backbone):
 
     def arrays(self) -> list[ArraySpec]:
         return [ArraySpec("features", (len(self.config["leads"]) * self.config["length"],))]
-
-    def build_random(self, seed: int) -> nn.Module:
-        return nn.Identity()
-
-    def save(self, model: nn.Module, folder: Path) -> None:
-        """Nothing to save: the gate inputs have no parameters."""
-
-    def load(self, weights: str) -> nn.Module:
-        return nn.Identity()
 
     def features(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         return {"features": x.flatten(1)}

@@ -24,16 +24,11 @@ then the median beats at 100 Hz (12 x 80). Too few beats gives a defined all-zer
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
-import torch
-from torch import nn
 
 from pipeline.feature_cache import ArraySpec
-from stages.extract.backbones import Backbone, register
-from stages.extract.contract import InputContract
-from stages.prepare.rpeaks import MIN_BEATS, beat_sequence
+from stages.extract.backbones import BeatBackbone, register
+from stages.prepare.rpeaks import MIN_BEATS
 
 BEFORE_S, AFTER_S = 0.35, 0.45
 QRS_FRACTION, T_END_FRACTION, P_FRACTION = 0.12, 0.15, 0.3
@@ -113,32 +108,12 @@ def morphology_features(signal: np.ndarray, peaks: np.ndarray, fs: int) -> np.nd
 
 
 @register("morphology")
-class Morphology(Backbone):
-    defaults = {"fs": 500}
-    needs_weights = False
-    zero_row_is_failure = True
-
-    @property
-    def contract(self) -> InputContract:
-        return InputContract(length=self.config["fs"] * 10)
-
+class Morphology(BeatBackbone):
     def arrays(self) -> list[ArraySpec]:
         fs = self.config["fs"]
         width = round((BEFORE_S + AFTER_S) * fs)
         n = len(GLOBAL) + len(PER_LEAD) * 12 + 12 * -(-width // SHAPE_STEP)
         return [ArraySpec("features", (n,))]
 
-    def build_random(self, seed: int) -> nn.Module:
-        return nn.Identity()
-
-    def save(self, model: nn.Module, folder: Path) -> None:
-        """Nothing to save: the morphology expert has no parameters."""
-
-    def load(self, weights: str) -> nn.Module:
-        return nn.Identity()
-
-    def features(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        fs = self.config["fs"]
-        signals = x.detach().cpu().double().numpy()
-        rows = [morphology_features(s, beat_sequence(s, fs), fs) for s in signals]
-        return {"features": torch.from_numpy(np.stack(rows)).to(x.device)}
+    def record_features(self, signal: np.ndarray, peaks: np.ndarray, fs: int) -> np.ndarray:
+        return morphology_features(signal, peaks, fs)

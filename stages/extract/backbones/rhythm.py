@@ -25,16 +25,11 @@ Records with too few beats, flat lines or noise get the defined all-zero row wit
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
-import torch
-from torch import nn
 
 from pipeline.feature_cache import ArraySpec
-from stages.extract.backbones import Backbone, register
-from stages.extract.contract import InputContract
-from stages.prepare.rpeaks import MIN_BEATS, beat_sequence
+from stages.extract.backbones import BeatBackbone, register
+from stages.prepare.rpeaks import MIN_BEATS
 
 FEATURES = ("n_beats", "mean_rr", "median_rr", "min_rr", "max_rr", "heart_rate", "sdnn",
             "rmssd", "pnn50", "cv", "nsd", "sd1", "sd2", "sd1_sd2", "ectopic", "ectopic_share",
@@ -66,29 +61,9 @@ def rhythm_features(peaks: np.ndarray, fs: int) -> np.ndarray:
 
 
 @register("rhythm")
-class Rhythm(Backbone):
-    defaults = {"fs": 500}
-    needs_weights = False
-    zero_row_is_failure = True
-
-    @property
-    def contract(self) -> InputContract:
-        return InputContract(length=self.config["fs"] * 10)
-
+class Rhythm(BeatBackbone):
     def arrays(self) -> list[ArraySpec]:
         return [ArraySpec("features", (len(FEATURES),))]
 
-    def build_random(self, seed: int) -> nn.Module:
-        return nn.Identity()
-
-    def save(self, model: nn.Module, folder: Path) -> None:
-        """Nothing to save: the rhythm expert has no parameters."""
-
-    def load(self, weights: str) -> nn.Module:
-        return nn.Identity()
-
-    def features(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        fs = self.config["fs"]
-        signals = x.detach().cpu().double().numpy()
-        rows = [rhythm_features(beat_sequence(s, fs), fs) for s in signals]
-        return {"features": torch.from_numpy(np.stack(rows)).to(x.device)}
+    def record_features(self, signal: np.ndarray, peaks: np.ndarray, fs: int) -> np.ndarray:
+        return rhythm_features(peaks, fs)
