@@ -177,8 +177,8 @@ def extract(
 @app.command("fit-ensemble")
 def fit_ensemble(
     task: Annotated[str, typer.Option(help="rr | age | sex | ka | ad, or all: one multi-task "
-                                      "model for the five, compared with the single-task "
-                                      "fits in metrics/.")],
+                                      "model for the tasks of params `tasks:`, compared "
+                                      "with the single-task fits in metrics/.")],
     backbones: Annotated[str | None, typer.Option(help="Comma-separated experts (default: "
                                                   "params fit.backbones).")] = None,
     seeds: Annotated[int | None, typer.Option(help="Number of seeds (fresh model and "
@@ -208,7 +208,8 @@ def fit_ensemble(
     if adapter is not None:
         fit.adapter = adapter
     if task == "all":
-        _fit_all(fit, Path(cfg.prepare.out) / "cohort.parquet", Path(cfg.extract.out))
+        _fit_all(fit, Path(cfg.prepare.out) / "cohort.parquet", Path(cfg.extract.out),
+                 cfg.tasks)
         return
     try:
         result = fit_task(task, fit, Path(cfg.prepare.out) / "cohort.parquet",
@@ -223,14 +224,15 @@ def fit_ensemble(
     print_fit(result.metrics)
 
 
-def _fit_all(fit, cohort: Path, cache: Path) -> None:
+def _fit_all(fit, cohort: Path, cache: Path, tasks: list[str]) -> None:
     from pipeline.feature_cache import CacheError
     from stages.fit.multitask import compare_with_single_task, fit_multitask
     from stages.fit.run import write_metrics
     from stages.fit.summary import print_multitask
 
     try:
-        result = compare_with_single_task(fit_multitask(fit, cohort, cache), fit.metrics)
+        result = compare_with_single_task(fit_multitask(fit, cohort, cache, tasks),
+                                          fit.metrics)
     except (CacheError, FileNotFoundError, ValueError) as err:
         _fail(str(err))
     write_metrics(Path(fit.metrics) / "multitask.json", result)

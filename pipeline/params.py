@@ -85,6 +85,10 @@ class FitParams:
     lora_dropout: float = 0.0
     gate_hidden: int = 64
     gate_mode: str = "per_expert"
+    gate_prior: float = 0.0
+    gate_lr: float = 1e-2
+    head_skip: bool = True
+    oof_folds: int = 5
     loss: str = "mse"
     lr: float = 1e-3
     weight_decay: float = 1e-4
@@ -92,6 +96,10 @@ class FitParams:
     max_epochs: int = 200
     patience: int = 15
     max_memory_gb: float = 4.0
+    evaluation: str = "auto"
+    cv_folds: int = 5
+    cv_max_ecgs: int = 2000
+    bootstrap: int = 2000
     metrics: str = "metrics"
     models: str = "models"
     predictions: str = "predictions"

@@ -66,7 +66,7 @@ def fake(tmp_path_factory):
 
 def _params(**kw) -> FitParams:
     base = dict(backbones=["strong", "weak"], seeds=2, hidden=32, max_epochs=60, patience=10,
-                batch_size=64)
+                batch_size=64, evaluation="split", oof_folds=3, bootstrap=200)
     return FitParams(**{**base, **kw})
 
 
@@ -85,8 +85,11 @@ def test_the_ensemble_learns_and_beats_the_trivial_predictor(fake, task, better)
         assert ensemble > trivial + 0.2
     gate = metrics["gate_weights"]
     assert gate["strong"]["mean"] > gate["weak"]["mean"]  # the gate prefers the better expert
-    assert set(metrics["methods"]) == {"ensemble", "mean_predictor" if better == "lower"
-                                       else "majority", "strong", "weak", "uniform"}
+    expected = {"ensemble", "mean_predictor" if better == "lower" else "majority", "strong",
+                "weak", "uniform", "greedy", "stacking", "weight_generator", "probe_strong",
+                "probe_weak"} | ({"confidence"} if better == "higher" else set())
+    assert set(metrics["methods"]) == expected
+    assert metrics["methods"]["ensemble"][name]["ci"][0] <= ensemble
 
 
 def test_binary_metrics_and_class_weighted_rare_task(fake):
@@ -176,7 +179,9 @@ def test_lora_trainable_set_is_what_the_config_says():
     for expert in ("a", "b"):
         names = trainable[expert]
         assert names and all(("lora_" in n and (".0." in n or ".2." in n))
-                             or ".4.modules_to_save." in n for n in names)
+                             or ".4.modules_to_save." in n or n.startswith("skip.")
+                             for n in names)
+        assert {"skip.weight", "skip.bias"} <= set(names)  # the linear path learns fully
         assert any(".4.modules_to_save." in n for n in names)  # output layer learns too
         frozen = [n for n, p in lora.heads[expert].named_parameters() if not p.requires_grad]
         assert any("0.base_layer.weight" in n for n in frozen)
@@ -244,7 +249,7 @@ def test_variants_fit_only_the_ensemble_and_reproduce_the_fit_stage(fake):
     assert result["tasks"]["rr"]["variants"]["both"] == full["methods"]["ensemble"]
     assert set(result["tasks"]["sex"]["variants"]) == {"both", "strong_only"}
     lean = fit_task("rr", params, root / "cohort.parquet", root / "cache", baselines=False)
-    assert set(lean.metrics["methods"]) == {"ensemble", "mean_predictor"}
+    assert set(lean.metrics["methods"]) == {"ensemble", "mean_predictor", "strong", "weak"}
 
 
 def test_an_unchanged_variant_reuses_the_fit_stage_metrics(fake, tmp_path):

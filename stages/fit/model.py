@@ -4,7 +4,11 @@ Heads are ``Linear(D,h)-ReLU-Linear(h,h)-ReLU-Linear(h,out)``. With ``adapter="l
 (EnECG) the hidden layers stay at their seeded initialisation and learn a rank-``r`` LoRA
 update through peft, and the output layer is trained fully: a LoRA-only head whose output
 layer stays random maps everything through a random projection, a known pitfall. With
-``adapter="full"`` every head weight trains. The trainable parameter names are recorded.
+``adapter="full"`` every head weight trains. With ``skip`` a linear map ``Linear(D,out)``
+is added to the head's output, so a feature that already measures the target reaches the
+output through a straight line the MLP need not learn (on real ECGs the MLP alone lost
+to the rhythm expert's own mean-RR read off directly). The trainable parameter names are
+recorded.
 
 The gate reads the cached lead subset and gives softmax weights over experts, either one
 per expert or one per expert and output. Regression mixes the experts' (standardised)
@@ -32,6 +36,7 @@ class ModelConfig:
     lora_dropout: float = 0.0
     gate_hidden: int = 64
     gate_mode: str = "per_expert"  # per_expert | per_output
+    skip: bool = True
 
     def __post_init__(self) -> None:
         if self.adapter not in ("lora", "full"):
@@ -44,16 +49,29 @@ class ModelConfig:
         return asdict(self)
 
 
-def make_head(d_in: int, d_out: int, config: ModelConfig) -> nn.Module:
-    head = nn.Sequential(nn.Linear(d_in, config.hidden), nn.ReLU(),
-                         nn.Linear(config.hidden, config.hidden), nn.ReLU(),
-                         nn.Linear(config.hidden, d_out))
-    if config.adapter == "full":
-        return head
-    lora = LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha,
-                      lora_dropout=config.lora_dropout, target_modules=HIDDEN_LAYERS,
-                      modules_to_save=[OUTPUT_LAYER])
-    return get_peft_model(head, lora)
+class Head(nn.Module):
+    """The FFN head, plus the optional linear skip path."""
+
+    def __init__(self, d_in: int, d_out: int, config: ModelConfig):
+        super().__init__()
+        mlp = nn.Sequential(nn.Linear(d_in, config.hidden), nn.ReLU(),
+                            nn.Linear(config.hidden, config.hidden), nn.ReLU(),
+                            nn.Linear(config.hidden, d_out))
+        if config.adapter == "lora":
+            mlp = get_peft_model(mlp, LoraConfig(
+                r=config.lora_r, lora_alpha=config.lora_alpha,
+                lora_dropout=config.lora_dropout, target_modules=HIDDEN_LAYERS,
+                modules_to_save=[OUTPUT_LAYER]))
+        self.mlp = mlp
+        self.skip = nn.Linear(d_in, d_out) if config.skip else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.mlp(x)
+        return out if self.skip is None else out + self.skip(x)
+
+
+def make_head(d_in: int, d_out: int, config: ModelConfig) -> Head:
+    return Head(d_in, d_out, config)
 
 
 class Gate(nn.Module):
@@ -67,6 +85,15 @@ class Gate(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(B, d_in) -> weights (B, experts, d_out or 1), summing to 1 over experts."""
         return self.net(x).view(len(x), self.n_experts, self.d_out).softmax(dim=1)
+
+
+def mix(weights: torch.Tensor, outputs: torch.Tensor, classification: bool) -> torch.Tensor:
+    """Σ_i w_i ŷ_i over experts (dim 1); per-output weights keep a class mixture a
+    distribution by renormalising."""
+    mixture = (weights * outputs).sum(dim=1)
+    if classification and weights.shape[-1] > 1:
+        mixture = mixture / mixture.sum(dim=-1, keepdim=True)
+    return mixture
 
 
 class Ensemble(nn.Module):
@@ -95,10 +122,7 @@ class Ensemble(nn.Module):
                                        1.0 / len(self.experts))
         else:
             weights = self.gate(gate_input)
-        mixture = (weights * outputs).sum(dim=1)
-        if self.classification and weights.shape[-1] > 1:
-            mixture = mixture / mixture.sum(dim=-1, keepdim=True)
-        return mixture, outputs, weights
+        return mix(weights, outputs, self.classification), outputs, weights
 
     def trainable(self) -> dict[str, list[str]]:
         """Names of the parameters that learn, per head and for the gate."""

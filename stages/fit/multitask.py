@@ -128,14 +128,16 @@ def compare_with_single_task(result: dict, metrics_dir) -> dict:
     for task, entry in result["tasks"].items():
         path = Path(metrics_dir) / f"{task}.json"
         single = json.loads(path.read_text()) if path.exists() else {}
-        same = all(single.get(k) == result[k] for k in ("backbones", "seeds", "gate_inputs"))
+        same = (all(single.get(k) == result[k] for k in ("backbones", "seeds", "gate_inputs"))
+                and single.get("evaluation", {}).get("mode") == "split")
         if single.get("methods") and same:
             entry["single_task"] = single["methods"]["ensemble"]
         else:
             entry["single_task"] = None
-            entry["single_task_note"] = (f"{path} missing or fitted with other experts, gate "
-                                         f"inputs or seeds; run `pipeline fit-ensemble --task "
-                                         f"{task}` with the same settings")
+            entry["single_task_note"] = (f"{path} missing, cross-validated, or fitted with "
+                                         "other experts, gate inputs or seeds; run "
+                                         f"`pipeline fit-ensemble --task {task}` with the "
+                                         "same settings and fit.evaluation: split")
     return result
 
 

@@ -1,18 +1,26 @@
 """The fit stage for one task: the ensemble and its baselines, over seeds, from the cache.
 
-Per seed, from the same cached features and the same subject-level splits:
-* ``ensemble``: every expert's head + the gate (EnECG);
-* ``<backbone>``: that expert's head alone (same head, same training);
-* ``uniform``: the plain average of those single-expert models;
-* the trivial predictor (train mean, or majority class).
-Regression targets are standardised on train; ``ka`` uses balanced class weights; the F1
-threshold of every binary method is chosen on validation. Metrics are on test, reported as
-mean ± std over seeds.
+Per seed, from the same cached features and the same subject-level rows:
+* every expert's head is cross-fitted (``stages.fit.crossfit``): out-of-fold outputs on
+  the training rows, then refitted on all of them;
+* ``ensemble``: the MoE gate, trained on those out-of-fold outputs (stacked
+  generalisation), mixing the refitted heads;
+* baselines (EnECG's Table 3 and the usual ones): each expert alone (``<backbone>``), its
+  linear probe (``probe_<backbone>``), ``uniform`` average, ``greedy`` selection on
+  validation, ``confidence`` weighting (classification), the sample-aware
+  ``weight_generator``, ``stacking`` (ridge/logistic meta-model) and the trivial predictor.
+
+Evaluation is the cohort's fixed test split, or, for cohorts of at most ``cv_max_ecgs``
+labelled ECGs (``evaluation: auto``), subject-grouped K-fold cross-validation over the
+whole cohort: every ECG is predicted once, by models that never saw its subject. Metrics are
+mean ± std over seeds, and each headline metric carries a subject-bootstrap interval and its
+paired difference to the ensemble.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,12 +31,24 @@ import torch
 
 from pipeline.feature_cache import CacheError
 from pipeline.params import FitParams
-from stages.fit.features import GATE, load_features
-from stages.fit.model import Ensemble, ModelConfig
+from stages.fit.bootstrap import intervals
+from stages.fit.combine import (
+    Stacker,
+    apply_weighting,
+    confidence_weights,
+    fit_weighting,
+    fixed_mixture,
+    greedy_weights,
+)
+from stages.fit.crossfit import cross_fit, group_folds
+from stages.fit.features import GATE, FeatureSource, load_features
+from stages.fit.model import Ensemble, Gate, ModelConfig
+from stages.fit.probes import linear_probe
 from stages.fit.tasks import TASKS, Targets, Task, best_f1_threshold, encode, score
-from stages.fit.train import Objective, predict, train
+from stages.fit.train import Objective
 
 ENSEMBLE, UNIFORM = "ensemble", "uniform"
+VAL_FRACTION = 0.2  # of a cross-validation fold's training subjects, for early stopping
 
 
 class TaskSkipped(Exception):
@@ -43,7 +63,8 @@ def cohort_digest(path: Path) -> str:
 def _model_config(params: FitParams) -> ModelConfig:
     return ModelConfig(hidden=params.hidden, adapter=params.adapter, lora_r=params.lora_r,
                        lora_alpha=params.lora_alpha, lora_dropout=params.lora_dropout,
-                       gate_hidden=params.gate_hidden, gate_mode=params.gate_mode)
+                       gate_hidden=params.gate_hidden, gate_mode=params.gate_mode,
+                       skip=params.head_skip)
 
 
 def _objective(task: Task, targets: Targets, train_rows: np.ndarray, params: FitParams
@@ -63,7 +84,8 @@ def _objective(task: Task, targets: Targets, train_rows: np.ndarray, params: Fit
 
 
 class _Method:
-    """Outputs of one method on validation and test, turned into metrics."""
+    """Outputs of one method on validation and test (head space), turned into values,
+    a validated threshold (binary) and decisions."""
 
     def __init__(self, task: Task, val: np.ndarray, test: np.ndarray, y_val: np.ndarray,
                  y_test: np.ndarray, scale: dict):
@@ -92,16 +114,6 @@ class _Method:
         return score(self.task, self.y_test, self.prediction(), probability)
 
 
-def _trivial(task: Task, targets: Targets, rows: dict[str, np.ndarray]) -> dict:
-    y_train, y_test = targets.y[rows["train"]], targets.y[rows["test"]]
-    if task.kind == "regression":
-        prediction = np.full(len(y_test), y_train.mean())
-        return score(task, y_test, prediction)
-    majority = int(np.bincount(y_train).argmax())
-    prediction = np.full(len(y_test), majority)
-    return score(task, y_test, prediction, np.full(len(y_test), float(majority)))
-
-
 def _aggregate(per_seed: list[dict]) -> dict:
     out = {}
     for key in per_seed[0]:
@@ -111,84 +123,289 @@ def _aggregate(per_seed: list[dict]) -> dict:
     return out
 
 
-def fit_task(task_name: str, params: FitParams, cohort_path: Path, cache_dir: Path,
-             seeds: int | None = None, baselines: bool = True) -> FitResult:
-    """Fit and evaluate one task (the ensemble, and with ``baselines`` each expert alone and
-    their uniform average); the caller writes the result."""
-    task = TASKS[task_name]
-    cohort = pd.read_parquet(cohort_path)
-    split = cohort["split"].to_numpy()
-    targets = encode(task, cohort[task_name], split == "train")
-    rows = {s: np.flatnonzero((split == s) & targets.labelled) for s in ("train", "val", "test")}
-    n = {s: len(r) for s, r in rows.items()}
-    empty = [s for s, count in n.items() if count == 0]
-    if empty:
-        raise TaskSkipped(f"no {task_name} labels in the {', '.join(empty)} split(s) of "
-                          f"{cohort_path}")
-    source = load_features(cache_dir, params.backbones, cohort_digest(cohort_path), len(cohort),
-                           params.max_memory_gb, params.inputs, params.gate_inputs)
+@dataclass
+class SplitFit:
+    """One fit on (train, val, test) rows: every method's outputs, and the ensemble."""
+
+    rows: dict[str, np.ndarray]
+    methods: dict[str, _Method]
+    experts: np.ndarray  # refitted heads' outputs on test, (n_test, E, k)
+    gate: np.ndarray  # the gate's weights on test, (n_test, E)
+    model: Ensemble
+    scale: dict
+    scaling: dict[str, tuple[np.ndarray, np.ndarray]]
+
+
+def _weighting(name: str, inputs: Callable, d_in: int, stacked: np.ndarray,
+               source: FeatureSource, objective: Objective, rows: dict[str, np.ndarray],
+               d_out: int, config: ModelConfig, params: FitParams, seed: int
+               ) -> tuple[Gate, dict[str, np.ndarray], np.ndarray]:
+    """A softmax weighting network fitted on out-of-fold outputs; its mixtures on val and
+    test and its test weights."""
+    torch.manual_seed(seed)
+    gate = Gate(d_in, stacked.shape[1], d_out, config)
+    fit_weighting(gate, inputs, source, stacked, objective, rows["train"], rows["val"],
+                  lr=params.gate_lr, weight_decay=params.weight_decay,
+                  batch_size=params.batch_size, max_epochs=params.max_epochs,
+                  patience=params.patience, prior=params.gate_prior, seed=seed)
+    out = {s: apply_weighting(gate, inputs, source, stacked, rows[s],
+                              objective.classification, params.batch_size)
+           for s in ("val", "test")}
+    return gate, {s: o[0] for s, o in out.items()}, out["test"][1]
+
+
+def fit_split(task: Task, targets: Targets, source: FeatureSource, rows: dict[str, np.ndarray],
+              subjects: np.ndarray, params: FitParams, seed: int, baselines: bool) -> SplitFit:
+    """Cross-fit every expert on ``rows['train']``, fit the gate on their out-of-fold
+    outputs and, with ``baselines``, every other combiner; outputs on val and test."""
     source.fit_scaling(rows["train"])
     objective, scale = _objective(task, targets, rows["train"], params)
     config = _model_config(params)
-    dims = {b: d for b, d in source.dims().items() if b != GATE}
+    names = list(params.backbones)
+    dims = {b: source.dims()[b] for b in names}
     d_out = 1 if task.kind == "regression" else len(targets.classes)
+    fits = {b: cross_fit(b, dims[b], source, objective, rows, subjects, d_out, config, params,
+                         seed * 100 + k) for k, b in enumerate(names)}
+    stacked = np.stack([fits[b].outputs for b in names], axis=1)  # (N, E, k)
+    raw = {b: {s: stacked[rows[s], i] for s in ("val", "test")} for i, b in enumerate(names)}
+    gate, gate_test = None, np.ones((len(rows["test"]), 1), dtype=np.float32)
+    if len(names) > 1:
+        gate, raw[ENSEMBLE], gate_test = _weighting(
+            "gate", lambda data: data[GATE], source.dims()[GATE], stacked, source, objective,
+            rows, d_out, config, params, seed * 100 + 50)
+    else:
+        raw[ENSEMBLE] = raw[names[0]]
+    if baselines:
+        raw.update(_baselines(task, targets, source, objective, stacked, rows, names, d_out,
+                              config, params, seed))
+    y = targets.y
+    methods = {name: _Method(task, out["val"], out["test"], y[rows["val"]], y[rows["test"]],
+                             scale) for name, out in raw.items()}
+    model = Ensemble(dims, source.dims()[GATE], d_out, objective.classification, config)
+    for b in names:
+        model.heads[b] = fits[b].head
+    model.gate = gate
+    return SplitFit(rows, methods, stacked[rows["test"]], gate_test, model.eval(), scale,
+                    dict(source.scaling))
+
+
+def _baselines(task: Task, targets: Targets, source: FeatureSource, objective: Objective,
+               stacked: np.ndarray, rows: dict[str, np.ndarray], names: list[str],
+               d_out: int, config: ModelConfig, params: FitParams, seed: int
+               ) -> dict[str, dict[str, np.ndarray]]:
+    raw: dict[str, dict[str, np.ndarray]] = {}
+    y = objective.y
+    val, test = stacked[rows["val"]], stacked[rows["test"]]
+    if source.in_memory:
+        for b in names:
+            raw[f"probe_{b}"] = linear_probe(b, source, objective, rows, d_out,
+                                             task.balance_classes)
+    if len(names) == 1:
+        return raw
+    raw[UNIFORM] = {"val": val.mean(axis=1), "test": test.mean(axis=1)}
+    weights = greedy_weights(val, y[rows["val"]], objective)
+    raw["greedy"] = {"val": fixed_mixture(val, weights), "test": fixed_mixture(test, weights)}
+    if objective.classification:
+        raw["confidence"] = {s: np.einsum("ne,nek->nk", confidence_weights(o), o)
+                             for s, o in (("val", val), ("test", test))}
+    stacker = Stacker(objective.classification, d_out, task.balance_classes).fit(
+        stacked[rows["train"]], y[rows["train"]], val, y[rows["val"]], objective)
+    raw["stacking"] = {"val": stacker.predict(val), "test": stacker.predict(test)}
+    width = sum(source.dims()[b] for b in names)
+    _, raw["weight_generator"], _ = _weighting(
+        "generator", lambda data: np.concatenate([data[b] for b in names], axis=1), width,
+        stacked, source, objective, rows, d_out, config, params, seed * 100 + 60)
+    return raw
+
+
+def _trivial(task: Task, targets: Targets, rows: dict[str, np.ndarray]) -> _Method:
+    """Train mean, or train majority class, as a method (it gets intervals like the rest)."""
+    y_train, n_val, n_test = targets.y[rows["train"]], len(rows["val"]), len(rows["test"])
+    if task.kind == "regression":
+        value = np.array([[float(y_train.mean())]], dtype=np.float32)
+        scale = {"mean": 0.0, "std": 1.0}
+    else:
+        value = np.zeros((1, len(targets.classes)), dtype=np.float32)
+        value[0, int(np.bincount(y_train, minlength=len(targets.classes)).argmax())] = 1.0
+        scale = {}
+    method = _Method(task, np.repeat(value, n_val, 0), np.repeat(value, n_test, 0),
+                     targets.y[rows["val"]], targets.y[rows["test"]], scale)
+    if task.kind == "binary":
+        method.threshold = 0.5
+    return method
+
+
+def evaluation_mode(params: FitParams, n_labelled: int) -> str:
+    if params.evaluation not in ("auto", "split", "cv"):
+        raise ValueError(f"fit.evaluation must be auto, split or cv, got "
+                         f"{params.evaluation!r}")
+    if params.evaluation != "auto":
+        return params.evaluation
+    return "cv" if n_labelled <= params.cv_max_ecgs else "split"
+
+
+def cv_rows(labelled: np.ndarray, subjects: np.ndarray, k: int, seed: int
+            ) -> list[dict[str, np.ndarray]]:
+    """K subject-grouped folds over ``labelled`` rows; each fold's training subjects lose
+    a subject-grouped ``VAL_FRACTION`` to validation."""
+    folds = group_folds(subjects[labelled], k, seed)
+    out = []
+    for fold in range(folds.max() + 1):
+        pool = labelled[folds != fold]
+        inner = group_folds(subjects[pool], round(1 / VAL_FRACTION), seed + 7919 + fold)
+        out.append({"train": pool[inner != 0], "val": pool[inner == 0],
+                    "test": labelled[folds == fold]})
+    return out
+@dataclass
+class _Pooled:
+    """One method's decisions (and binary scores) on the evaluated rows of one seed."""
+
+    decision: np.ndarray
+    score: np.ndarray | None
+
+
+def _pool(task: Task, fits: list[SplitFit], trivial: list[_Method], order: np.ndarray
+          ) -> dict[str, _Pooled]:
+    """Every method's test decisions, folds put back in cohort-row order ``order``."""
+    test_rows = np.concatenate([f.rows["test"] for f in fits])
+    position = np.argsort(test_rows)[np.searchsorted(np.sort(test_rows), order)]
+    pooled = {}
+    for name in fits[0].methods:
+        methods = [f.methods[name] for f in fits]
+        pooled[name] = _pooled(task, methods, position)
+    pooled[task.trivial_name] = _pooled(task, trivial, position)
+    return pooled
+
+
+def _pooled(task: Task, methods: list[_Method], position: np.ndarray) -> _Pooled:
+    decision = np.concatenate([m.prediction() for m in methods])[position]
+    binary = task.kind == "binary"
+    return _Pooled(decision, np.concatenate([m.test for m in methods])[position]
+                   if binary else None)
+
+
+def fit_task(task_name: str, params: FitParams, cohort_path: Path, cache_dir: Path,
+             seeds: int | None = None, baselines: bool = True) -> FitResult:
+    """Fit and evaluate one task (the ensemble, and with ``baselines`` every baseline);
+    the caller writes the result."""
+    task = TASKS[task_name]
+    cohort = pd.read_parquet(cohort_path)
+    split = cohort["split"].to_numpy()
+    subjects = cohort["subject_id"].astype(str).to_numpy()
+    labelled_any = cohort[task_name].notna().to_numpy()
+    mode = evaluation_mode(params, int(labelled_any.sum()))
+    targets = encode(task, cohort[task_name], split == "train" if mode == "split"
+                     else labelled_any)
+    fixed = {s: np.flatnonzero((split == s) & targets.labelled) for s in ("train", "val", "test")}
+    n = {s: len(r) for s, r in fixed.items()}
+    labelled = np.flatnonzero(targets.labelled)
+    empty = [s for s, count in n.items() if count == 0]
+    if mode == "split" and empty:
+        raise TaskSkipped(f"no {task_name} labels in the {', '.join(empty)} split(s) of "
+                          f"{cohort_path}")
+    if mode == "cv" and len(np.unique(subjects[labelled])) < max(params.cv_folds, 2):
+        raise TaskSkipped(f"{len(np.unique(subjects[labelled]))} labelled subjects for "
+                          f"{task_name} in {cohort_path}: too few for {params.cv_folds}-fold "
+                          "cross-validation")
+    source = load_features(cache_dir, params.backbones, cohort_digest(cohort_path), len(cohort),
+                           params.max_memory_gb, params.inputs, params.gate_inputs)
     seeds_list = list(range(params.seeds if seeds is None else seeds))
-    per_method: dict[str, list[dict]] = {}
-    predictions, models, gate_means, trainable = [], {}, [], {}
+    evaluated = fixed["test"] if mode == "split" else labelled
+    per_seed: list[dict[str, _Pooled]] = []
+    predictions, models, gate_means = [], {}, []
+    final: SplitFit | None = None
     for seed in seeds_list:
-        methods = {}
-        for k, name in enumerate([*params.backbones, ENSEMBLE]):
-            if not baselines and name != ENSEMBLE:
-                continue  # same seeds either way, so the ensemble is the same
-            torch.manual_seed(seed * 1000 + k)  # a fresh model and optimiser per seed/method
-            members = dims if name == ENSEMBLE else {name: dims[name]}
-            model = Ensemble(members, source.dims()[GATE], d_out, task.kind != "regression",
-                             config)
-            train(model, source, objective, rows["train"], rows["val"], params, seed)
-            val_out, _, _ = predict(model, source, rows["val"], params.batch_size)
-            test_out, test_experts, test_gate = predict(model, source, rows["test"],
-                                                        params.batch_size)
-            methods[name] = _Method(task, val_out, test_out, targets.y[rows["val"]],
-                                    targets.y[rows["test"]], scale)
-            if name == ENSEMBLE:
-                models[seed] = {"model": model, "threshold": methods[name].threshold}
-                trainable = model.trainable()
-                gate_means.append(test_gate.mean(axis=0))
-                predictions.append(_prediction_rows(task, targets, cohort, rows["test"], seed,
-                                                    methods[name], test_experts, test_gate,
-                                                    list(dims), scale))
-        if baselines:
-            singles = [methods[b] for b in params.backbones]
-            uniform_val = np.mean([_raw(m, "val") for m in singles], axis=0)
-            uniform_test = np.mean([_raw(m, "test") for m in singles], axis=0)
-            methods[UNIFORM] = _Method(task, uniform_val, uniform_test,
-                                       targets.y[rows["val"]], targets.y[rows["test"]],
-                                       {"mean": 0.0, "std": 1.0})
-        for name, method in methods.items():
-            per_method.setdefault(name, []).append(method.metrics())
-    trivial = _trivial(task, targets, rows)
+        folds = [fixed] if mode == "split" else cv_rows(labelled, subjects,
+                                                        params.cv_folds, seed)
+        fits = [fit_split(task, targets, source, rows, subjects, params, seed, baselines)
+                for rows in folds]
+        per_seed.append(_pool(task, fits, [_trivial(task, targets, r) for r in folds],
+                              evaluated))
+        gate_means.append(np.concatenate([f.gate for f in fits]).mean(axis=0))
+        predictions.append(_prediction_rows(task, targets, cohort, fits, seed))
+        final = fits[0] if mode == "split" else (
+            fit_split(task, targets, source, fixed, subjects, params, seed, False)
+            if not empty else None)
+        if final is not None:
+            models[seed] = {"model": final.model,
+                            "threshold": final.methods[ENSEMBLE].threshold}
+    y = targets.y[evaluated]
+    methods = {}
+    for name in per_seed[0]:
+        methods[name] = _aggregate([score(task, y, p[name].decision, p[name].score)
+                                    for p in (s for s in per_seed)])
+    level = _intervals(task, y, per_seed, subjects[evaluated], params)
+    for name, extra in level.items():
+        methods[name][task.metric] = {**methods[name][task.metric], "ci": extra["ci"]}
+    names = list(params.backbones)
+    order = [ENSEMBLE, task.trivial_name, *names, *(m for m in methods
+                                                   if m not in (ENSEMBLE, task.trivial_name,
+                                                                *names))]
     metrics = {
         "task": task_name, "kind": task.kind, "metric": task.metric, "n": n,
-        "seeds": seeds_list, "backbones": list(params.backbones),
+        "evaluation": {"mode": mode, "folds": params.cv_folds if mode == "cv" else None,
+                       "n_evaluated": len(evaluated), "bootstrap": params.bootstrap,
+                       "level": 0.95, "resampled": "subjects",
+                       "subjects": len(np.unique(subjects[evaluated]))},
+        "seeds": seeds_list, "backbones": names,
         "random_weights": {b: bool(source.fingerprints[b].get("random_weights"))
-                           for b in params.backbones},
-        "methods": {ENSEMBLE: _aggregate(per_method[ENSEMBLE]),
-                    task.trivial_name: {k: {"mean": v, "std": 0.0} if v is not None else None
-                                        for k, v in trivial.items()},
-                    **{name: _aggregate(values) for name, values in per_method.items()
-                       if name != ENSEMBLE}},
+                           for b in names},
+        "methods": {m: methods[m] for m in order},
+        "vs_ensemble": {m: level[m]["vs_" + ENSEMBLE] for m in order if m in level},
         "gate_weights": {b: {"mean": float(np.mean([g[i] for g in gate_means])),
                              "std": float(np.std([g[i] for g in gate_means]))}
-                         for i, b in enumerate(dims)},
+                         for i, b in enumerate(names)} if len(names) > 1 else {},
         "gate_inputs": list(params.gate_inputs),
-        "adapter": params.adapter, "inputs": {b: params.inputs.get(b, "features")
-                                              for b in params.backbones},
-        "trainable": trainable,
+        "adapter": params.adapter, "head_skip": params.head_skip,
+        "oof_folds": params.oof_folds, "gate_prior": params.gate_prior,
+        "inputs": {b: params.inputs.get(b, "features") for b in names},
+        "trainable": final.model.trainable() if final is not None else {},
         "classes": targets.classes if task.kind == "multiclass" else None,
     }
+    dims = {b: source.dims()[b] for b in names}
+    scale = final.scale if final is not None else {}
+    scaling = final.scaling if final is not None else {}
     return FitResult(metrics, pd.concat(predictions, ignore_index=True), models, scale,
-                     targets.classes, source.fingerprints, config, dims,
-                     source.dims()[GATE], source.scaling)
+                     targets.classes, source.fingerprints, _model_config(params), dims,
+                     source.dims()[GATE], scaling)
+
+
+def _intervals(task: Task, y: np.ndarray, per_seed: list[dict[str, _Pooled]],
+               subjects: np.ndarray, params: FitParams) -> dict[str, dict]:
+    if not params.bootstrap:
+        return {}
+    decisions = {name: np.stack([p[name].decision for p in per_seed]) for name in per_seed[0]}
+    return intervals(task.metric, y, decisions, subjects, ENSEMBLE, n_boot=params.bootstrap)
+
+
+def _prediction_rows(task: Task, targets: Targets, cohort: pd.DataFrame, fits: list[SplitFit],
+                     seed: int) -> pd.DataFrame:
+    frames = []
+    names = list(fits[0].model.experts)
+    for fold, fit in enumerate(fits):
+        rows, method = fit.rows["test"], fit.methods[ENSEMBLE]
+        frame = pd.DataFrame({"record_id": cohort["record_id"].to_numpy()[rows], "seed": seed,
+                              "fold": fold})
+        y, prediction = targets.y[rows], method.prediction()
+        if task.kind == "regression":
+            frame["truth"], frame["prediction"] = y.astype(float), prediction.astype(float)
+            values = fit.experts[:, :, 0] * fit.scale["std"] + fit.scale["mean"]
+        elif task.kind == "binary":
+            frame["truth"], frame["prediction"] = y, prediction
+            frame["score"] = method.test
+            values = fit.experts[:, :, 1]
+        else:
+            classes = np.array(targets.classes)
+            frame["truth"], frame["prediction"] = classes[y], classes[prediction]
+            values = classes[fit.experts.argmax(axis=-1)]
+        gate = (fit.gate if fit.gate.shape[1] == len(names)
+                else np.ones((len(rows), len(names)), dtype=np.float32))
+        for i, name in enumerate(names):
+            frame[f"expert_{name}"] = values[:, i]
+            frame[f"gate_{name}"] = gate[:, i]
+        frames.append(frame)
+    return pd.concat(frames, ignore_index=True)
+
 
 
 @dataclass
@@ -263,39 +480,6 @@ def load_model(path: Path, fingerprints: dict[str, dict]) -> tuple[Ensemble, dic
                      ModelConfig(**saved["model_config"]))
     model.load_state_dict(saved["state_dict"])
     return model.eval(), saved
-
-
-def _raw(method: _Method, which: str) -> np.ndarray:
-    """A method's outputs in a form that can be averaged across methods."""
-    values = method.val if which == "val" else method.test
-    if method.task.kind == "regression":
-        return values[:, None]
-    if method.task.kind == "binary":
-        return np.stack([1 - values, values], axis=1)
-    return values
-
-
-def _prediction_rows(task: Task, targets: Targets, cohort: pd.DataFrame, rows: np.ndarray,
-                     seed: int, method: _Method, experts: np.ndarray, gate: np.ndarray,
-                     names: list[str], scale: dict) -> pd.DataFrame:
-    frame = pd.DataFrame({"record_id": cohort["record_id"].to_numpy()[rows], "seed": seed})
-    y = targets.y[rows]
-    prediction = method.prediction()
-    if task.kind == "regression":
-        frame["truth"], frame["prediction"] = y.astype(float), prediction.astype(float)
-        values = experts[:, :, 0] * scale["std"] + scale["mean"]
-    elif task.kind == "binary":
-        frame["truth"], frame["prediction"] = y, prediction
-        frame["score"] = method.test
-        values = experts[:, :, 1]
-    else:
-        classes = np.array(targets.classes)
-        frame["truth"], frame["prediction"] = classes[y], classes[prediction]
-        values = classes[experts.argmax(axis=-1)]
-    for i, name in enumerate(names):
-        frame[f"expert_{name}"] = values[:, i]
-        frame[f"gate_{name}"] = gate[:, i]
-    return frame
 
 
 def check_model_features(saved: dict, fingerprints: dict[str, dict]) -> None:

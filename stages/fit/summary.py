@@ -47,18 +47,27 @@ def print_variants(result: dict, console: Console | None = None) -> None:
 def print_fit(metrics: dict, console: Console | None = None) -> None:
     console = console or Console()
     names = list(next(iter(metrics["methods"].values())) or {})
-    n = metrics["n"]
-    table = Table(title=f"fit-ensemble {metrics['task']}: {len(metrics['seeds'])} seeds, "
-                        f"test n={n['test']} (train {n['train']}, val {n['val']})")
+    evaluation = metrics.get("evaluation", {})
+    how = (f"{evaluation.get('folds')}-fold subject CV over {evaluation.get('n_evaluated')} ECGs"
+           if evaluation.get("mode") == "cv" else f"test n={metrics['n']['test']}")
+    table = Table(title=f"fit-ensemble {metrics['task']}: {len(metrics['seeds'])} seeds, {how}")
     table.add_column("method")
     for name in names:
         table.add_column(name + (" *" if name == metrics["metric"] else ""), justify="right")
+    table.add_column("95% CI *", justify="right")
+    table.add_column("Δ vs ensemble [95% CI]", justify="right")
     for method, values in metrics["methods"].items():
-        cells = ["n/a" if not values or values.get(k) is None else
-                 f"{values[k]['mean']:.3f} ± {values[k]['std']:.3f}" for k in names]
-        table.add_row(method, *cells)
+        cells = ["n/a" if not values or not values.get(k) else
+                 f"{values[k]['mean']:.3f} ± {values[k].get('std', 0.0):.3f}" for k in names]
+        headline = (values or {}).get(metrics["metric"]) or {}
+        ci = headline.get("ci")
+        delta = metrics.get("vs_ensemble", {}).get(method)
+        table.add_row(method, *cells, f"{ci[0]:.3f}–{ci[1]:.3f}" if ci else "",
+                      f"{delta['mean']:+.3f} [{delta['ci'][0]:+.3f}, {delta['ci'][1]:+.3f}]"
+                      if delta and method != "ensemble" else "")
     console.print(table)
-    weights = ", ".join(f"{b} {w['mean']:.2f}" for b, w in metrics["gate_weights"].items())
-    console.print(f"mean gate weights on test: {weights}")
+    if metrics.get("gate_weights"):
+        weights = ", ".join(f"{b} {w['mean']:.2f}" for b, w in metrics["gate_weights"].items())
+        console.print(f"mean gate weights on evaluated ECGs: {weights}")
     if any(metrics["random_weights"].values()):
         console.print("note: features come from RANDOM-weight backbones (demo)")

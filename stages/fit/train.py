@@ -51,6 +51,16 @@ class Objective:
         return F.mse_loss(mixture[:, 0], y)
 
 
+MIN_STEPS = 10  # optimiser steps per epoch, at least, however small the training set
+
+
+def batch_size_for(n_rows: int, batch_size: int) -> int:
+    """``batch_size``, shrunk so an epoch has ``MIN_STEPS`` steps: with 128 training ECGs
+    and batches of 256 an epoch is one step, and early stopping ends training before the
+    heads or the gate have moved from their initialisation."""
+    return max(8, min(batch_size, -(-n_rows // MIN_STEPS)))
+
+
 def _tensors(model: Ensemble, data: dict[str, np.ndarray]
              ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     return ({name: torch.from_numpy(data[name]) for name in model.experts},
@@ -74,11 +84,12 @@ def train(model: Ensemble, source: FeatureSource, objective: Objective, train_ro
     optimiser = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad],
                                   lr=params.lr, weight_decay=params.weight_decay)
     rng = np.random.default_rng(seed)
+    batch_size = batch_size_for(len(train_rows), params.batch_size)
     best, best_state, stale, epochs = float("inf"), None, 0, 0
     while epochs < params.max_epochs:
         epochs += 1
         model.train()
-        for chunk, data in source.batches(train_rows, params.batch_size, rng):
+        for chunk, data in source.batches(train_rows, batch_size, rng):
             mixture, outputs, _ = model(*_tensors(model, data))
             loss = objective.total(mixture, outputs, torch.from_numpy(objective.y[chunk]))
             optimiser.zero_grad()

@@ -1,0 +1,33 @@
+"""The linear probe per expert: the standard protocol of MOMENT and ECG-FM.
+
+A ridge regression (penalty by generalised cross-validation on training rows) or a
+logistic regression (C by validation loss) on the expert's standardised cached features.
+Closed-form and hard to overfit, it is the baseline an FFN head has to beat on small
+cohorts. Needs the features in memory.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from sklearn.linear_model import RidgeCV
+
+from stages.fit.combine import ALPHAS, fit_logistic, probabilities
+from stages.fit.features import FeatureSource
+from stages.fit.train import Objective
+
+
+def linear_probe(name: str, source: FeatureSource, objective: Objective,
+                 rows: dict[str, np.ndarray], n_classes: int, balanced: bool
+                 ) -> dict[str, np.ndarray]:
+    """Outputs in head space on the val and test rows: standardised values (n, 1) or class
+    probabilities (n, C)."""
+    def x(split: str) -> np.ndarray:
+        return source.take(rows[split])[name]
+
+    y = objective.y
+    if not objective.classification:
+        model = RidgeCV(alphas=ALPHAS).fit(x("train"), y[rows["train"]])
+        return {s: model.predict(x(s))[:, None].astype(np.float32) for s in ("val", "test")}
+    model = fit_logistic(x("train"), y[rows["train"]], x("val"), y[rows["val"]], n_classes,
+                         balanced, objective)
+    return {s: probabilities(model, x(s), n_classes) for s in ("val", "test")}

@@ -1,0 +1,259 @@
+"""Stage two's guarantees: out-of-fold gating, the Table 3 combiners on cases with known
+answers, subject-grouped cross-validation and bootstrap intervals that cover the truth."""
+
+from __future__ import annotations
+
+import dask.array as da
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+import stages.fit.crossfit as crossfit
+import stages.fit.run as run
+from pipeline.feature_cache import ArraySpec, CacheBuilder, write_shard
+from pipeline.params import FitParams
+from stages.fit.bootstrap import intervals, metric_value
+from stages.fit.combine import (
+    Stacker,
+    apply_weighting,
+    confidence_weights,
+    fit_weighting,
+    fixed_mixture,
+    greedy_weights,
+)
+from stages.fit.crossfit import group_folds
+from stages.fit.features import GATE, FeatureSource
+from stages.fit.model import Gate, ModelConfig
+from stages.fit.probes import linear_probe
+from stages.fit.run import cv_rows, fit_task
+from stages.fit.train import Objective
+
+N, DIGEST = 200, "fakecohort000001"
+
+
+def _write_cache(folder, name, values):
+    builder = CacheBuilder(folder / f"{name}.zarr", {"cohort_digest": DIGEST, "backbone": name},
+                           len(values), [ArraySpec("features", values.shape[1:])],
+                           shard_rows=64)
+    for shard in builder.pending_shards():
+        start, stop = builder.shard_bounds(shard)
+        write_shard(builder.store_path, builder.done_dir, shard, start,
+                    {"features": values[start:stop]})
+    builder.publish()
+
+
+def _source(arrays: dict[str, np.ndarray]) -> FeatureSource:
+    source = FeatureSource({k: da.from_array(v.astype(np.float32)) for k, v in arrays.items()},
+                           {}, in_memory=True, block_rows=len(next(iter(arrays.values()))))
+    source.materialise()
+    return source
+
+
+@pytest.fixture(scope="module")
+def noisy(tmp_path_factory):
+    """200 ECGs of 120 subjects: one expert measures RR (+ 5 ms noise), three are noise
+    wide enough to memorise their training rows."""
+    root = tmp_path_factory.mktemp("noisy")
+    rng = np.random.default_rng(1)
+    subjects = rng.integers(0, 120, N)
+    rr = rng.normal(850, 150, N)
+    split = np.array(["train", "val", "test"])[np.minimum(subjects // 40, 2)]
+    table = pa.table({"record_id": [f"r{i}" for i in range(N)],
+                      "subject_id": [f"s{s}" for s in subjects], "split": split, "rr": rr})
+    pq.write_table(table.replace_schema_metadata({b"cohort_digest": DIGEST.encode()}),
+                   root / "cohort.parquet")
+    measure = np.hstack([(rr + rng.normal(0, 5, N))[:, None], rng.normal(size=(N, 3))])
+    _write_cache(root / "cache", "measure", measure.astype(np.float32))
+    for k in range(3):
+        _write_cache(root / "cache", f"noise{k}", rng.normal(size=(N, 64)).astype(np.float32))
+    _write_cache(root / "cache", "gate", rng.normal(size=(N, 8)).astype(np.float32))
+    return root, rr, measure[:, 0]
+
+
+def _params(**kw) -> FitParams:
+    base = dict(backbones=["measure", "noise0", "noise1", "noise2"], seeds=1, hidden=32,
+                max_epochs=80, patience=10, evaluation="cv", cv_folds=3, oof_folds=3,
+                bootstrap=200, loss="l1")
+    return FitParams(**{**base, **kw})
+
+
+def test_an_expert_that_measures_the_target_is_not_drowned_by_noisy_ones(noisy):
+    root, rr, measured = noisy
+    metrics = fit_task("rr", _params(), root / "cohort.parquet", root / "cache").metrics
+    read_off = float(np.abs(measured - rr).mean())
+    ensemble = metrics["methods"]["ensemble"]["mae"]["mean"]
+    assert metrics["evaluation"]["mode"] == "cv" and metrics["evaluation"]["n_evaluated"] == N
+    # the learned head adds fitting noise over a plain read-off at 200 ECGs (README)
+    assert ensemble < 3 * read_off < 0.1 * metrics["methods"]["mean_predictor"]["mae"]["mean"]
+    assert metrics["gate_weights"]["measure"]["mean"] > 0.8
+    assert ensemble <= min(metrics["methods"][f"noise{k}"]["mae"]["mean"] for k in range(3))
+
+
+def test_the_gate_never_learns_from_rows_its_experts_were_fitted_on(noisy, monkeypatch):
+    root, _, _ = noisy
+    predicted: list[tuple[set, np.ndarray]] = []
+    gate_rows: list[np.ndarray] = []
+    real_fit, real_predict, real_weighting = (crossfit._fit_head, crossfit.predict,
+                                              run.fit_weighting)
+
+    def spy_fit(name, dim, source, objective, fit_rows, *args, **kw):
+        model = real_fit(name, dim, source, objective, fit_rows, *args, **kw)
+        model.spy_fitted_on = set(fit_rows.tolist())
+        return model
+
+    def spy_predict(model, source, rows, batch_size):
+        predicted.append((model.spy_fitted_on, rows.copy()))
+        return real_predict(model, source, rows, batch_size)
+
+    def spy_weighting(gate, inputs, source, outputs, objective, train_rows, *args, **kw):
+        gate_rows.append(train_rows.copy())
+        return real_weighting(gate, inputs, source, outputs, objective, train_rows, *args, **kw)
+
+    monkeypatch.setattr(crossfit, "_fit_head", spy_fit)
+    monkeypatch.setattr(crossfit, "predict", spy_predict)
+    monkeypatch.setattr(run, "fit_weighting", spy_weighting)
+    fit_task("rr", _params(evaluation="split", bootstrap=0), root / "cohort.parquet",
+             root / "cache", baselines=False)
+    gate_train = set(gate_rows[0].tolist())
+    assert gate_train and len(gate_rows) == 1
+    covered = set()
+    for fitted_on, rows in predicted:
+        rows = set(rows.tolist())
+        assert not rows & fitted_on  # no head ever predicts a row it was fitted on
+        covered |= rows & gate_train
+    assert covered == gate_train  # every row the gate learns from has an out-of-fold output
+
+
+def test_group_folds_and_cross_validation_keep_subjects_apart():
+    rng = np.random.default_rng(0)
+    subjects = rng.integers(0, 37, 300).astype(str)
+    folds = group_folds(subjects, 5, seed=3)
+    for s in np.unique(subjects):
+        assert len(set(folds[subjects == s])) == 1
+    sizes = np.bincount(folds)
+    assert len(sizes) == 5 and sizes.max() - sizes.min() <= np.bincount(
+        np.unique(subjects, return_inverse=True)[1]).max()
+    labelled = np.flatnonzero(rng.random(300) < 0.9)
+    tested = []
+    for rows in cv_rows(labelled, subjects, 5, seed=0):
+        groups = {k: set(subjects[v]) for k, v in rows.items()}
+        assert not groups["train"] & groups["val"]
+        assert not groups["train"] & groups["test"] and not groups["val"] & groups["test"]
+        tested.extend(rows["test"].tolist())
+    assert sorted(tested) == labelled.tolist()  # every labelled ECG predicted exactly once
+
+
+def test_cross_validated_fit_predicts_every_labelled_ecg_once_per_seed(noisy):
+    root, _, _ = noisy
+    result = fit_task("rr", _params(seeds=2, backbones=["measure", "noise0"]),
+                      root / "cohort.parquet", root / "cache")
+    for _, frame in result.predictions.groupby("seed"):
+        assert sorted(frame["record_id"]) == sorted(f"r{i}" for i in range(N))
+        assert set(frame["fold"]) == {0, 1, 2}
+    lo, hi = result.metrics["methods"]["ensemble"]["mae"]["ci"]
+    assert lo <= result.metrics["methods"]["ensemble"]["mae"]["mean"] <= hi
+    assert result.models  # a deployable model is fitted on the fixed split besides
+
+
+def _objective(y, classification=False):
+    return Objective(y, classification, "mse")
+
+
+def test_greedy_selection_finds_the_good_expert_and_complementary_pairs():
+    rng = np.random.default_rng(0)
+    y = rng.normal(size=400).astype(np.float32)
+    error = rng.normal(size=400).astype(np.float32)
+    outputs = np.stack([y + 3 * error, y + 0.01 * error, -y], axis=1)[..., None]
+    np.testing.assert_allclose(greedy_weights(outputs, y, _objective(y)), [0, 1, 0])
+    pair = np.stack([y + error, y - error, y + 5 * error], axis=1)[..., None]
+    weights = greedy_weights(pair, y, _objective(y), rounds=20)
+    np.testing.assert_allclose(weights, [0.5, 0.5, 0], atol=0.05)
+    np.testing.assert_allclose(fixed_mixture(pair, weights)[:, 0], y, atol=0.25)
+
+
+def test_confidence_weighting_follows_the_confident_expert():
+    confident = np.array([[0.0, 1.0, 0.0]])
+    unsure = np.full((1, 3), 1 / 3)
+    probabilities = np.stack([confident, unsure], axis=1)  # (1, 2 experts, 3 classes)
+    np.testing.assert_allclose(confidence_weights(probabilities), [[0.75, 0.25]])
+
+
+def test_stacking_recovers_a_linear_blend_and_the_informative_expert():
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(size=(2, 300)).astype(np.float32)
+    y = 0.3 * a + 0.7 * b
+    outputs = np.stack([a, b], axis=1)[..., None]
+    stacker = Stacker(False, 1).fit(outputs, y, outputs, y, _objective(y))
+    np.testing.assert_allclose(stacker.predict(outputs)[:, 0], y, atol=0.01)
+    labels = rng.integers(0, 3, 300)
+    good = np.eye(3)[labels] * 0.8 + 0.2 / 3
+    bad = rng.dirichlet(np.ones(3), 300)
+    probs = np.stack([bad, good], axis=1).astype(np.float32)
+    stacker = Stacker(True, 3).fit(probs, labels, probs, labels, _objective(labels, True))
+    assert (stacker.predict(probs).argmax(1) == labels).mean() > 0.99
+
+
+def test_linear_probe_reads_a_linear_feature():
+    rng = np.random.default_rng(0)
+    y = rng.normal(size=300).astype(np.float32)
+    x = np.hstack([2 * y[:, None] + 1, rng.normal(size=(300, 5))])
+    source = _source({"x": x, GATE: rng.normal(size=(300, 2))})
+    rows = {"train": np.arange(200), "val": np.arange(200, 250), "test": np.arange(250, 300)}
+    source.fit_scaling(rows["train"])
+    out = linear_probe("x", source, _objective(y), rows, 1, False)
+    np.testing.assert_allclose(out["test"][:, 0], y[250:], atol=0.02)
+
+
+def test_a_gate_routes_each_sample_to_the_expert_its_input_says_is_right():
+    torch.manual_seed(0)
+    rng = np.random.default_rng(0)
+    n = 600
+    y = rng.normal(size=n).astype(np.float32)
+    which = rng.integers(0, 2, n)
+    noise = 2 * rng.normal(size=(n, 2)).astype(np.float32)
+    outputs = np.stack([y + noise[:, 0] * which, y + noise[:, 1] * (1 - which)], axis=1)
+    source = _source({GATE: np.stack([which, 1 - which], axis=1)})
+    gate = Gate(2, 2, 1, ModelConfig(gate_hidden=16))
+    fit_weighting(gate, lambda d: d[GATE], source, outputs[..., None], _objective(y),
+                  np.arange(400), np.arange(400, 500), lr=0.01, weight_decay=0.0,
+                  batch_size=64, max_epochs=200, patience=20, prior=0.0, seed=0)
+    mixture, weights = apply_weighting(gate, lambda d: d[GATE], source, outputs[..., None],
+                                       np.arange(500, 600), False, 64)
+    assert np.abs(mixture[:, 0] - y[500:]).mean() < 0.1 < np.abs(outputs[500:] - y[500:, None]
+                                                                  ).mean()
+    assert (weights[:, 0] > 0.9).mean() > 0.9 * (which[500:] == 0).mean()
+
+
+@pytest.mark.parametrize("metric", ["mae", "accuracy", "f1"])
+def test_bootstrap_intervals_cover_the_truth_at_about_their_level(metric):
+    rng = np.random.default_rng(0)
+    n, hits, trials = 80, 0, 300
+    truth = {"mae": np.sqrt(2 / np.pi), "accuracy": 0.7, "f1": 0.6}[metric]
+    for trial in range(trials):
+        if metric == "mae":
+            y, d = np.zeros(n), rng.normal(size=n)
+        elif metric == "accuracy":
+            y = np.zeros(n)
+            d = (rng.random(n) > 0.7).astype(float)
+        else:  # F1 of 0.6: tp / (tp + (fp + fn) / 2) with 60 % hits among positives
+            y = (rng.random(n) < 0.5).astype(float)
+            d = np.where(y == 1, rng.random(n) < 0.6, rng.random(n) < 0.2).astype(float)
+            truth = 2 * 0.5 * 0.6 / (2 * 0.5 * 0.6 + 0.5 * 0.2 + 0.5 * 0.4)
+        subjects = np.arange(n).astype(str)
+        ci = intervals(metric, y, {"m": d[None]}, subjects, "m", n_boot=400, seed=trial
+                       )["m"]["ci"]
+        hits += ci[0] <= truth <= ci[1]
+    assert 0.88 <= hits / trials <= 0.99
+    assert metric_value("mae", np.zeros(3), np.array([1.0, -2.0, 3.0])) == 2.0
+
+
+def test_subject_bootstrap_is_wider_when_a_subjects_ecgs_share_their_error():
+    rng = np.random.default_rng(0)
+    shared = np.repeat(rng.normal(size=40), 5)  # 40 subjects, 5 ECGs each, one error each
+    y, subjects = np.zeros(200), np.repeat(np.arange(40), 5).astype(str)
+    by_subject = intervals("mae", y, {"m": shared[None]}, subjects, "m", seed=1)["m"]["ci"]
+    by_row = intervals("mae", y, {"m": shared[None]}, np.arange(200).astype(str), "m",
+                       seed=1)["m"]["ci"]
+    assert by_subject[1] - by_subject[0] > 1.5 * (by_row[1] - by_row[0])
