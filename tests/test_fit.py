@@ -265,3 +265,26 @@ def test_an_unchanged_variant_reuses_the_fit_stage_metrics(fake, tmp_path):
     result = compare_variants(params, {"same": {}}, ["rr"], root / "cohort.parquet",
                               root / "cache")
     assert result["tasks"]["rr"]["variants"]["same"]["mae"]["mean"] == -1.0
+
+
+def test_variants_cross_fit_shared_heads_once(fake, monkeypatch):
+    import stages.fit.run as run
+    from stages.fit.compare import compare_variants
+
+    root, _ = fake
+    calls = []
+    real = run.cross_fit
+
+    def counting(name, *args, **kwargs):
+        calls.append(name)
+        return real(name, *args, **kwargs)
+
+    monkeypatch.setattr(run, "cross_fit", counting)
+    params = _params(seeds=1)
+    result = compare_variants(params, {"both": {}, "strong_only": {"backbones": ["strong"]},
+                                       "plain_gate": {"gate_hidden": 8}},
+                              ["rr"], root / "cohort.parquet", root / "cache")
+    assert sorted(calls) == ["strong", "weak"]  # three variants, each head fitted once
+    alone = fit_task("rr", _params(seeds=1, backbones=["strong"]), root / "cohort.parquet",
+                     root / "cache", baselines=False).metrics
+    assert result["tasks"]["rr"]["variants"]["strong_only"] == alone["methods"]["ensemble"]

@@ -25,6 +25,7 @@ def compare_variants(params: FitParams, variants: dict[str, dict], tasks: list[s
     result: dict = {"seeds": list(range(params.seeds)), "variants": variants, "tasks": {}}
     for task in tasks:
         entry: dict = {"metric": TASKS[task].metric, "variants": {}}
+        memo: dict = {}  # heads shared by variants are cross-fitted once per task
         for name, overrides in variants.items():
             fit = dataclasses.replace(params, **overrides)
             reused = _fitted(Path(params.metrics) / f"{task}.json", fit) if fit == params \
@@ -33,7 +34,8 @@ def compare_variants(params: FitParams, variants: dict[str, dict], tasks: list[s
                 entry["variants"][name] = reused
                 continue
             try:
-                metrics = fit_task(task, fit, cohort_path, cache_dir, baselines=False).metrics
+                metrics = fit_task(task, fit, cohort_path, cache_dir, baselines=False,
+                                   memo=memo).metrics
             except TaskSkipped as reason:
                 entry["skipped"] = str(reason)
                 break

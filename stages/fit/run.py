@@ -19,6 +19,7 @@ paired difference to the ensemble.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -154,18 +155,41 @@ def _weighting(name: str, inputs: Callable, d_in: int, stacked: np.ndarray,
     return gate, {s: o[0] for s, o in out.items()}, out["test"][1]
 
 
+def _head_key(task: Task, name: str, seed: int, rows: dict[str, np.ndarray],
+              params: FitParams) -> tuple:
+    """What a cross-fitted expert depends on besides the cache: the same key, the same fit."""
+    digest = hashlib.sha1(b"".join(np.ascontiguousarray(rows[s]).tobytes()
+                                   for s in ("train", "val", "test"))).hexdigest()
+    return (task.name, name, seed, digest, params.inputs.get(name, "features"), params.hidden,
+            params.adapter, params.lora_r, params.lora_alpha, params.lora_dropout,
+            params.head_skip, params.loss, params.lr, params.weight_decay, params.batch_size,
+            params.max_epochs, params.patience, params.oof_folds)
+
+
 def fit_split(task: Task, targets: Targets, source: FeatureSource, rows: dict[str, np.ndarray],
-              subjects: np.ndarray, params: FitParams, seed: int, baselines: bool) -> SplitFit:
+              subjects: np.ndarray, params: FitParams, seed: int, baselines: bool,
+              memo: dict | None = None) -> SplitFit:
     """Cross-fit every expert on ``rows['train']``, fit the gate on their out-of-fold
-    outputs and, with ``baselines``, every other combiner; outputs on val and test."""
+    outputs and, with ``baselines``, every other combiner; outputs on val and test.
+
+    ``memo`` keeps cross-fitted experts across calls (``pipeline compare``: variants that
+    differ only in their gate or expert list share the same heads, fitted once)."""
     source.fit_scaling(rows["train"])
     objective, scale = _objective(task, targets, rows["train"], params)
     config = _model_config(params)
     names = list(params.backbones)
     dims = {b: source.dims()[b] for b in names}
     d_out = 1 if task.kind == "regression" else len(targets.classes)
-    fits = {b: cross_fit(b, dims[b], source, objective, rows, subjects, d_out, config, params,
-                         seed * 100 + k) for k, b in enumerate(names)}
+    fits = {}
+    for k, b in enumerate(names):
+        key = _head_key(task, b, seed * 100 + k, rows, params)
+        fit = memo.get(key) if memo is not None else None
+        if fit is None:
+            fit = cross_fit(b, dims[b], source, objective, rows, subjects, d_out, config,
+                            params, seed * 100 + k)
+            if memo is not None:
+                memo[key] = fit
+        fits[b] = fit
     stacked = np.stack([fits[b].outputs for b in names], axis=1)  # (N, E, k)
     raw = {b: {s: stacked[rows[s], i] for s in ("val", "test")} for i, b in enumerate(names)}
     gate, gate_test = None, np.ones((len(rows["test"]), 1), dtype=np.float32)
@@ -285,9 +309,10 @@ def _pooled(task: Task, methods: list[_Method], position: np.ndarray) -> _Pooled
 
 
 def fit_task(task_name: str, params: FitParams, cohort_path: Path, cache_dir: Path,
-             seeds: int | None = None, baselines: bool = True) -> FitResult:
+             seeds: int | None = None, baselines: bool = True, memo: dict | None = None
+             ) -> FitResult:
     """Fit and evaluate one task (the ensemble, and with ``baselines`` every baseline);
-    the caller writes the result."""
+    the caller writes the result. ``memo``: see ``fit_split``."""
     task = TASKS[task_name]
     cohort = pd.read_parquet(cohort_path)
     split = cohort["split"].to_numpy()
@@ -317,14 +342,14 @@ def fit_task(task_name: str, params: FitParams, cohort_path: Path, cache_dir: Pa
     for seed in seeds_list:
         folds = [fixed] if mode == "split" else cv_rows(labelled, subjects,
                                                         params.cv_folds, seed)
-        fits = [fit_split(task, targets, source, rows, subjects, params, seed, baselines)
+        fits = [fit_split(task, targets, source, rows, subjects, params, seed, baselines, memo)
                 for rows in folds]
         per_seed.append(_pool(task, fits, [_trivial(task, targets, r) for r in folds],
                               evaluated))
         gate_means.append(np.concatenate([f.gate for f in fits]).mean(axis=0))
         predictions.append(_prediction_rows(task, targets, cohort, fits, seed))
         final = fits[0] if mode == "split" else (
-            fit_split(task, targets, source, fixed, subjects, params, seed, False)
+            fit_split(task, targets, source, fixed, subjects, params, seed, False, memo)
             if not empty else None)
         if final is not None:
             models[seed] = {"model": final.model,
