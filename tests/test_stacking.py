@@ -107,9 +107,11 @@ def test_the_gate_never_learns_from_rows_its_experts_were_fitted_on(noisy, monke
         predicted.append((model.spy_fitted_on, rows.copy()))
         return real_predict(model, source, rows, batch_size)
 
-    def spy_weighting(gate, inputs, source, outputs, objective, train_rows, *args, **kw):
+    def spy_weighting(gate, inputs, reads, source, outputs, objective, train_rows, *args,
+                      **kw):
         gate_rows.append(train_rows.copy())
-        return real_weighting(gate, inputs, source, outputs, objective, train_rows, *args, **kw)
+        return real_weighting(gate, inputs, reads, source, outputs, objective, train_rows,
+                              *args, **kw)
 
     monkeypatch.setattr(crossfit, "_fit_head", spy_fit)
     monkeypatch.setattr(crossfit, "predict", spy_predict)
@@ -216,11 +218,11 @@ def test_a_gate_routes_each_sample_to_the_expert_its_input_says_is_right():
     outputs = np.stack([y + noise[:, 0] * which, y + noise[:, 1] * (1 - which)], axis=1)
     source = _source({GATE: np.stack([which, 1 - which], axis=1)})
     gate = Gate(2, 2, 1, ModelConfig(gate_hidden=16))
-    fit_weighting(gate, lambda d: d[GATE], source, outputs[..., None], _objective(y),
+    fit_weighting(gate, lambda d: d[GATE], [GATE], source, outputs[..., None], _objective(y),
                   np.arange(400), np.arange(400, 500), lr=0.01, weight_decay=0.0,
                   batch_size=64, max_epochs=200, patience=20, prior=0.0, seed=0)
-    mixture, weights = apply_weighting(gate, lambda d: d[GATE], source, outputs[..., None],
-                                       np.arange(500, 600), False, 64)
+    mixture, weights = apply_weighting(gate, lambda d: d[GATE], [GATE], source,
+                                       outputs[..., None], np.arange(500, 600), False, 64)
     assert np.abs(mixture[:, 0] - y[500:]).mean() < 0.1 < np.abs(outputs[500:] - y[500:, None]
                                                                   ).mean()
     assert (weights[:, 0] > 0.9).mean() > 0.9 * (which[500:] == 0).mean()
@@ -257,3 +259,16 @@ def test_subject_bootstrap_is_wider_when_a_subjects_ecgs_share_their_error():
     by_row = intervals("mae", y, {"m": shared[None]}, np.arange(200).astype(str), "m",
                        seed=1)["m"]["ci"]
     assert by_subject[1] - by_subject[0] > 1.5 * (by_row[1] - by_row[0])
+
+
+def test_batches_limited_to_the_arrays_a_consumer_reads_equal_the_full_batches():
+    rng = np.random.default_rng(0)
+    source = _source({"a": rng.normal(size=(50, 3)), "b": rng.normal(size=(50, 4)),
+                      GATE: rng.normal(size=(50, 2))})
+    source.fit_scaling(np.arange(40))
+    full = list(source.batches(np.arange(50), 16, np.random.default_rng(1)))
+    lean = list(source.batches(np.arange(50), 16, np.random.default_rng(1), ["b"]))
+    for (rows, everything), (same_rows, only_b) in zip(full, lean, strict=True):
+        np.testing.assert_array_equal(rows, same_rows)
+        assert list(only_b) == ["b"]
+        np.testing.assert_array_equal(only_b["b"], everything["b"])

@@ -35,14 +35,15 @@ CS = (0.01, 0.1, 1.0, 10.0)
 
 
 def fit_weighting(gate: Gate, inputs: Callable[[dict[str, np.ndarray]], np.ndarray],
-                  source: FeatureSource, outputs: np.ndarray, objective: Objective,
-                  train_rows: np.ndarray, val_rows: np.ndarray, *, lr: float,
+                  reads: list[str], source: FeatureSource, outputs: np.ndarray,
+                  objective: Objective, train_rows: np.ndarray, val_rows: np.ndarray, *,
+                  lr: float,
                   weight_decay: float, batch_size: int, max_epochs: int, patience: int,
                   prior: float, seed: int) -> Gate:
     """Train ``gate`` so Σ w(x)·outputs[x] fits the target; early stopping on validation.
 
-    ``outputs`` is indexed by cohort row (N, E, k); ``inputs`` turns a feature batch into
-    the gate's input. The best validation state is restored.
+    ``outputs`` is indexed by cohort row (N, E, k); ``inputs`` turns a feature batch of the
+    arrays ``reads`` into the gate's input. The best validation state is restored.
     """
     optimiser = torch.optim.AdamW(gate.parameters(), lr=lr, weight_decay=weight_decay)
     rng = np.random.default_rng(seed)
@@ -61,7 +62,7 @@ def fit_weighting(gate: Gate, inputs: Callable[[dict[str, np.ndarray]], np.ndarr
     step_batch = batch_size_for(len(train_rows), batch_size)
     for _ in range(max_epochs):
         gate.train()
-        for chunk, data in source.batches(train_rows, step_batch, rng):
+        for chunk, data in source.batches(train_rows, step_batch, rng, reads):
             loss = loss_of(chunk, data)
             optimiser.zero_grad()
             loss.backward()
@@ -69,7 +70,7 @@ def fit_weighting(gate: Gate, inputs: Callable[[dict[str, np.ndarray]], np.ndarr
         gate.eval()
         with torch.no_grad():
             total = sum(float(loss_of(chunk, data)) * len(chunk)
-                        for chunk, data in source.batches(val_rows, batch_size, None))
+                        for chunk, data in source.batches(val_rows, batch_size, None, reads))
         current = total / max(len(val_rows), 1)
         if current < best - 1e-6:
             best, best_state, stale = current, copy.deepcopy(gate.state_dict()), 0
@@ -82,13 +83,14 @@ def fit_weighting(gate: Gate, inputs: Callable[[dict[str, np.ndarray]], np.ndarr
 
 
 def apply_weighting(gate: Gate, inputs: Callable[[dict[str, np.ndarray]], np.ndarray],
-                    source: FeatureSource, outputs: np.ndarray, rows: np.ndarray,
-                    classification: bool, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
+                    reads: list[str], source: FeatureSource, outputs: np.ndarray,
+                    rows: np.ndarray, classification: bool, batch_size: int
+                    ) -> tuple[np.ndarray, np.ndarray]:
     """(mixture (n, k), weights averaged over outputs (n, E)) for ``rows`` in order."""
     order = np.sort(rows)
     mixtures, weights = [], []
     with torch.no_grad():
-        for chunk, data in source.batches(order, batch_size, None):
+        for chunk, data in source.batches(order, batch_size, None, reads):
             w = gate(torch.from_numpy(inputs(data)))
             mixtures.append(mix(w, torch.from_numpy(outputs[chunk]), classification).numpy())
             weights.append(w.mean(-1).numpy())

@@ -11,7 +11,7 @@ best expert.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -46,7 +46,6 @@ class ExpertFit:
 
     outputs: np.ndarray
     head: torch.nn.Module
-    trained_on: list[np.ndarray] = field(default_factory=list)
 
 
 def _fit_head(name: str, dim: int, source: FeatureSource, objective: Objective,
@@ -66,7 +65,6 @@ def cross_fit(name: str, dim: int, source: FeatureSource, objective: Objective,
     train_rows, val_rows = rows["train"], rows["val"]
     outputs = np.zeros((source.n_rows, d_out), dtype=np.float32)
     folds = group_folds(subjects[train_rows], params.oof_folds, seed)
-    trained_on = []
     for fold in range(folds.max() + 1):
         held, fit_rows = train_rows[folds == fold], train_rows[folds != fold]
         if len(fit_rows) == 0:
@@ -74,9 +72,8 @@ def cross_fit(name: str, dim: int, source: FeatureSource, objective: Objective,
         model = _fit_head(name, dim, source, objective, fit_rows, val_rows, d_out, config,
                           params, seed * 1000 + fold)
         outputs[held] = predict(model, source, held, params.batch_size)[1][:, 0]
-        trained_on.append(fit_rows)
     model = _fit_head(name, dim, source, objective, train_rows, val_rows, d_out, config,
                       params, seed * 1000 + 999)
     others = np.concatenate([r for s, r in rows.items() if s != "train"])
     outputs[others] = predict(model, source, others, params.batch_size)[1][:, 0]
-    return ExpertFit(outputs, model.heads[name], trained_on)
+    return ExpertFit(outputs, model.heads[name])

@@ -64,29 +64,39 @@ class FeatureSource:
         return {name: (values - self.scaling[name][0]) / self.scaling[name][1]
                 for name, values in data.items()}
 
-    def take(self, rows: np.ndarray) -> dict[str, np.ndarray]:
-        """Rows in the order given (in-memory sources only)."""
-        return self._scaled({name: values[rows] for name, values in self._loaded.items()})
+    def _names(self, names: list[str] | None) -> list[str]:
+        return list(self.arrays) if names is None else names
+
+    def take(self, rows: np.ndarray, names: list[str] | None = None) -> dict[str, np.ndarray]:
+        """Rows in the order given (in-memory sources only), of ``names`` (default all)."""
+        return self._scaled({name: self._loaded[name][rows] for name in self._names(names)})
 
     def blocks(self) -> list[tuple[int, int]]:
         return [(s, min(s + self.block_rows, self.n_rows))
                 for s in range(0, self.n_rows, self.block_rows)]
 
-    def load(self, start: int, stop: int) -> dict[str, np.ndarray]:
+    def load(self, start: int, stop: int, names: list[str] | None = None
+             ) -> dict[str, np.ndarray]:
+        names = self._names(names)
         if self._loaded is not None:
-            return {name: values[start:stop] for name, values in self._loaded.items()}
-        names = list(self.arrays)
+            return {name: self._loaded[name][start:stop] for name in names}
         values = dask.compute(*[self.arrays[n][start:stop] for n in names], scheduler="threads")
         return dict(zip(names, values, strict=True))
 
-    def batches(self, rows: np.ndarray, batch_size: int, rng: np.random.Generator | None
+    def batches(self, rows: np.ndarray, batch_size: int, rng: np.random.Generator | None,
+                names: list[str] | None = None
                 ) -> Iterator[tuple[np.ndarray, dict[str, np.ndarray]]]:
-        """(row indices, features) batches over ``rows``; shuffled when ``rng`` is given."""
+        """(row indices, features) batches over ``rows``; shuffled when ``rng`` is given.
+
+        ``names`` limits a batch to the arrays its consumer reads (a head reads one expert's
+        features): reading and standardising every array for every batch was most of the
+        work of a small head's training step.
+        """
         if self._loaded is not None:
             order = rng.permutation(rows) if rng is not None else np.sort(rows)
             for s in range(0, len(order), batch_size):
                 chunk = order[s: s + batch_size]
-                yield chunk, self.take(chunk)
+                yield chunk, self.take(chunk, names)
             return
         blocks = self.blocks()
         if rng is not None:
@@ -95,7 +105,7 @@ class FeatureSource:
             inside = rows[(rows >= start) & (rows < stop)]
             if len(inside) == 0:
                 continue
-            data = self.load(start, stop)
+            data = self.load(start, stop, names)
             order = rng.permutation(inside) if rng is not None else np.sort(inside)
             for s in range(0, len(order), batch_size):
                 chunk = order[s: s + batch_size]

@@ -108,7 +108,7 @@ class Ensemble(nn.Module):
                                     for name, d in dims.items()})
         self.gate = Gate(gate_dim, len(dims), d_out, config) if len(dims) > 1 else None
 
-    def forward(self, features: dict[str, torch.Tensor], gate_input: torch.Tensor
+    def forward(self, features: dict[str, torch.Tensor], gate_input: torch.Tensor | None
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Returns (mixture, per-expert outputs (B, E, out), weights (B, E, out or 1)).
 

@@ -22,7 +22,7 @@ def linear_probe(name: str, source: FeatureSource, objective: Objective,
     """Outputs in head space on the val and test rows: standardised values (n, 1) or class
     probabilities (n, C)."""
     def x(split: str) -> np.ndarray:
-        return source.take(rows[split])[name]
+        return source.take(rows[split], [name])[name]
 
     y = objective.y
     if not objective.classification:

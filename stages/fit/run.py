@@ -137,7 +137,7 @@ class SplitFit:
     scaling: dict[str, tuple[np.ndarray, np.ndarray]]
 
 
-def _weighting(name: str, inputs: Callable, d_in: int, stacked: np.ndarray,
+def _weighting(inputs: Callable, reads: list[str], d_in: int, stacked: np.ndarray,
                source: FeatureSource, objective: Objective, rows: dict[str, np.ndarray],
                d_out: int, config: ModelConfig, params: FitParams, seed: int
                ) -> tuple[Gate, dict[str, np.ndarray], np.ndarray]:
@@ -145,11 +145,11 @@ def _weighting(name: str, inputs: Callable, d_in: int, stacked: np.ndarray,
     test and its test weights."""
     torch.manual_seed(seed)
     gate = Gate(d_in, stacked.shape[1], d_out, config)
-    fit_weighting(gate, inputs, source, stacked, objective, rows["train"], rows["val"],
+    fit_weighting(gate, inputs, reads, source, stacked, objective, rows["train"], rows["val"],
                   lr=params.gate_lr, weight_decay=params.weight_decay,
                   batch_size=params.batch_size, max_epochs=params.max_epochs,
                   patience=params.patience, prior=params.gate_prior, seed=seed)
-    out = {s: apply_weighting(gate, inputs, source, stacked, rows[s],
+    out = {s: apply_weighting(gate, inputs, reads, source, stacked, rows[s],
                               objective.classification, params.batch_size)
            for s in ("val", "test")}
     return gate, {s: o[0] for s, o in out.items()}, out["test"][1]
@@ -195,7 +195,7 @@ def fit_split(task: Task, targets: Targets, source: FeatureSource, rows: dict[st
     gate, gate_test = None, np.ones((len(rows["test"]), 1), dtype=np.float32)
     if len(names) > 1:
         gate, raw[ENSEMBLE], gate_test = _weighting(
-            "gate", lambda data: data[GATE], source.dims()[GATE], stacked, source, objective,
+            lambda data: data[GATE], [GATE], source.dims()[GATE], stacked, source, objective,
             rows, d_out, config, params, seed * 100 + 50)
     else:
         raw[ENSEMBLE] = raw[names[0]]
@@ -237,7 +237,7 @@ def _baselines(task: Task, targets: Targets, source: FeatureSource, objective: O
     raw["stacking"] = {"val": stacker.predict(val), "test": stacker.predict(test)}
     width = sum(source.dims()[b] for b in names)
     _, raw["weight_generator"], _ = _weighting(
-        "generator", lambda data: np.concatenate([data[b] for b in names], axis=1), width,
+        lambda data: np.concatenate([data[b] for b in names], axis=1), names, width,
         stacked, source, objective, rows, d_out, config, params, seed * 100 + 60)
     return raw
 
@@ -358,7 +358,7 @@ def fit_task(task_name: str, params: FitParams, cohort_path: Path, cache_dir: Pa
     methods = {}
     for name in per_seed[0]:
         methods[name] = _aggregate([score(task, y, p[name].decision, p[name].score)
-                                    for p in (s for s in per_seed)])
+                                    for p in per_seed])
     level = _intervals(task, y, per_seed, subjects[evaluated], params)
     for name, extra in level.items():
         methods[name][task.metric] = {**methods[name][task.metric], "ci": extra["ci"]}

@@ -61,17 +61,22 @@ def batch_size_for(n_rows: int, batch_size: int) -> int:
     return max(8, min(batch_size, -(-n_rows // MIN_STEPS)))
 
 
+def _inputs(model: Ensemble) -> list[str]:
+    """The arrays ``model`` reads: its experts' features, and the gate's input if gated."""
+    return [*model.experts, GATE] if model.gate is not None else list(model.experts)
+
+
 def _tensors(model: Ensemble, data: dict[str, np.ndarray]
-             ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+             ) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
     return ({name: torch.from_numpy(data[name]) for name in model.experts},
-            torch.from_numpy(data[GATE]))
+            torch.from_numpy(data[GATE]) if GATE in data else None)
 
 
 def _val_loss(model: Ensemble, source: FeatureSource, objective: Objective, rows: np.ndarray,
               batch_size: int) -> float:
     total, count = 0.0, 0
     with torch.no_grad():
-        for chunk, data in source.batches(rows, batch_size, rng=None):
+        for chunk, data in source.batches(rows, batch_size, None, _inputs(model)):
             mixture, _, _ = model(*_tensors(model, data))
             total += float(objective(mixture, torch.from_numpy(objective.y[chunk]))) * len(chunk)
             count += len(chunk)
@@ -89,7 +94,7 @@ def train(model: Ensemble, source: FeatureSource, objective: Objective, train_ro
     while epochs < params.max_epochs:
         epochs += 1
         model.train()
-        for chunk, data in source.batches(train_rows, batch_size, rng):
+        for chunk, data in source.batches(train_rows, batch_size, rng, _inputs(model)):
             mixture, outputs, _ = model(*_tensors(model, data))
             loss = objective.total(mixture, outputs, torch.from_numpy(objective.y[chunk]))
             optimiser.zero_grad()
@@ -115,7 +120,7 @@ def predict(model: Ensemble, source: FeatureSource, rows: np.ndarray, batch_size
     parts: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
     order = np.sort(rows)
     with torch.no_grad():
-        for _, data in source.batches(order, batch_size, rng=None):
+        for _, data in source.batches(order, batch_size, None, _inputs(model)):
             mixture, outputs, weights = model(*_tensors(model, data))
             parts.append((mixture.numpy(), outputs.numpy(), weights.mean(-1).numpy()))
     mixture, outputs, weights = (np.concatenate(p) for p in zip(*parts, strict=True))
