@@ -87,6 +87,7 @@ class FitParams:
     gate_mode: str = "per_expert"
     gate_prior: float = 0.0
     gate_lr: float = 1e-2
+    gate_loss: str = "expected"
     head_skip: bool = True
     oof_folds: int = 5
     loss: str = "mse"

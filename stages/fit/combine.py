@@ -37,13 +37,15 @@ CS = (0.01, 0.1, 1.0, 10.0)
 def fit_weighting(gate: Gate, inputs: Callable[[dict[str, np.ndarray]], np.ndarray],
                   reads: list[str], source: FeatureSource, outputs: np.ndarray,
                   objective: Objective, train_rows: np.ndarray, val_rows: np.ndarray, *,
-                  lr: float,
-                  weight_decay: float, batch_size: int, max_epochs: int, patience: int,
-                  prior: float, seed: int) -> Gate:
+                  lr: float, weight_decay: float, batch_size: int, max_epochs: int,
+                  patience: int, prior: float, seed: int, expected: bool = False) -> Gate:
     """Train ``gate`` so Σ w(x)·outputs[x] fits the target; early stopping on validation.
 
     ``outputs`` is indexed by cohort row (N, E, k); ``inputs`` turns a feature batch of the
-    arrays ``reads`` into the gate's input. The best validation state is restored.
+    arrays ``reads`` into the gate's input. With ``expected`` (regression) the loss is the
+    competitive MoE loss Σ w_i·loss(ŷ_i) (Jacobs et al., 1991) instead of the loss of the
+    mixture: it moves weight off an expert that is worse on a sample, where with the
+    mixture's loss errors of opposite sign hide. The best validation state is restored.
     """
     optimiser = torch.optim.AdamW(gate.parameters(), lr=lr, weight_decay=weight_decay)
     rng = np.random.default_rng(seed)
@@ -51,8 +53,13 @@ def fit_weighting(gate: Gate, inputs: Callable[[dict[str, np.ndarray]], np.ndarr
 
     def loss_of(chunk: np.ndarray, data: dict[str, np.ndarray]) -> torch.Tensor:
         weights = gate(torch.from_numpy(inputs(data)))
-        mixture = mix(weights, torch.from_numpy(outputs[chunk]), objective.classification)
-        loss = objective(mixture, torch.from_numpy(objective.y[chunk]))
+        out, y = torch.from_numpy(outputs[chunk]), torch.from_numpy(objective.y[chunk])
+        if expected and not objective.classification:
+            error = out[:, :, 0] - y[:, None]
+            per_expert = error.abs() if objective.loss == "l1" else error ** 2
+            loss = (weights.mean(-1) * per_expert).sum(1).mean()
+        else:
+            loss = objective(mix(weights, out, objective.classification), y)
         if prior:
             kl = (weights * (weights.clamp_min(1e-8) * n_experts).log()).sum(1).mean()
             loss = loss + prior * kl

@@ -148,7 +148,8 @@ def _weighting(inputs: Callable, reads: list[str], d_in: int, stacked: np.ndarra
     fit_weighting(gate, inputs, reads, source, stacked, objective, rows["train"], rows["val"],
                   lr=params.gate_lr, weight_decay=params.weight_decay,
                   batch_size=params.batch_size, max_epochs=params.max_epochs,
-                  patience=params.patience, prior=params.gate_prior, seed=seed)
+                  patience=params.patience, prior=params.gate_prior, seed=seed,
+                  expected=params.gate_loss == "expected")
     out = {s: apply_weighting(gate, inputs, reads, source, stacked, rows[s],
                               objective.classification, params.batch_size)
            for s in ("val", "test")}
@@ -383,6 +384,7 @@ def fit_task(task_name: str, params: FitParams, cohort_path: Path, cache_dir: Pa
         "gate_inputs": list(params.gate_inputs),
         "adapter": params.adapter, "head_skip": params.head_skip,
         "oof_folds": params.oof_folds, "gate_prior": params.gate_prior,
+        "gate_loss": params.gate_loss,
         "inputs": {b: params.inputs.get(b, "features") for b in names},
         "trainable": final.model.trainable() if final is not None else {},
         "classes": targets.classes if task.kind == "multiclass" else None,
