@@ -15,6 +15,10 @@ import yaml
 TASKS = ("rr", "age", "sex", "ka", "ad")
 
 
+class ParamsError(ValueError):
+    """params.yaml is malformed; the message names the file and the key."""
+
+
 @dataclass
 class SynthParams:
     out: str = "data/raw/synthetic"
@@ -105,6 +109,18 @@ class FitParams:
     models: str = "models"
     predictions: str = "predictions"
 
+    CHOICES = {"loss": ("mse", "l1"), "gate_loss": ("expected", "mixture"),
+               "evaluation": ("auto", "split", "cv")}
+
+    def __post_init__(self) -> None:
+        for key, allowed in self.CHOICES.items():
+            if getattr(self, key) not in allowed:
+                raise ParamsError(f"fit.{key} must be one of {', '.join(allowed)}, got "
+                                  f"{getattr(self, key)!r}")
+        for key in ("oof_folds", "cv_folds"):  # one fold would hold out nothing
+            if getattr(self, key) < 2:
+                raise ParamsError(f"fit.{key} must be at least 2, got {getattr(self, key)}")
+
 
 @dataclass
 class Params:
@@ -116,10 +132,6 @@ class Params:
     fit: FitParams = field(default_factory=FitParams)
     variants: dict[str, dict[str, Any]] = field(default_factory=dict)
     tasks: list[str] = field(default_factory=lambda: list(TASKS))
-
-
-class ParamsError(ValueError):
-    """params.yaml is malformed; the message names the file and the key."""
 
 
 T = TypeVar("T")

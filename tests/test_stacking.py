@@ -272,3 +272,15 @@ def test_batches_limited_to_the_arrays_a_consumer_reads_equal_the_full_batches()
         np.testing.assert_array_equal(rows, same_rows)
         assert list(only_b) == ["b"]
         np.testing.assert_array_equal(only_b["b"], everything["b"])
+
+
+def test_too_few_subjects_for_cross_validation_skip_the_task_with_a_reason(noisy, tmp_path):
+    from stages.fit.run import TaskSkipped
+
+    root, _, _ = noisy
+    table = pq.read_table(root / "cohort.parquet")
+    subjects = pa.array([f"s{i % 2}" for i in range(N)])  # two subjects in all
+    table = table.set_column(table.schema.get_field_index("subject_id"), "subject_id", subjects)
+    pq.write_table(table, tmp_path / "cohort.parquet")
+    with pytest.raises(TaskSkipped, match="2 labelled subjects for rr .* too few for 3-fold"):
+        fit_task("rr", _params(), tmp_path / "cohort.parquet", root / "cache")

@@ -37,3 +37,18 @@ def test_params_defaults_and_errors(tmp_path):
     path.write_text("tasks: [rr, height]\n")
     with pytest.raises(ParamsError, match="unknown task.*height"):
         load_params(path)
+
+
+@pytest.mark.parametrize("line,message", [
+    ("gate_loss: average", "fit.gate_loss must be one of expected, mixture, got 'average'"),
+    ("evaluation: holdout", "fit.evaluation must be one of auto, split, cv"),
+    ("oof_folds: 1", "fit.oof_folds must be at least 2, got 1"),
+])
+def test_fit_choices_are_checked_when_params_load(tmp_path, line, message):
+    path = tmp_path / "params.yaml"
+    path.write_text(f"fit:\n  {line}\n")
+    with pytest.raises(ParamsError, match=message):
+        load_params(path)
+    path.write_text(f"variants:\n  bad:\n    {line}\n")  # a variant's overrides too
+    with pytest.raises(ParamsError, match=message):
+        load_params(path)

@@ -261,9 +261,6 @@ def _trivial(task: Task, targets: Targets, rows: dict[str, np.ndarray]) -> _Meth
 
 
 def evaluation_mode(params: FitParams, n_labelled: int) -> str:
-    if params.evaluation not in ("auto", "split", "cv"):
-        raise ValueError(f"fit.evaluation must be auto, split or cv, got "
-                         f"{params.evaluation!r}")
     if params.evaluation != "auto":
         return params.evaluation
     return "cv" if n_labelled <= params.cv_max_ecgs else "split"
