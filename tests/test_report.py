@@ -264,3 +264,17 @@ def test_variants_section_bolds_the_best_and_adds_multitask(tmp_path):
     assert "| rr (mae ↓) | 62.7 ± 1.0 | **4.80 ± 0.20** | 65.0 ± 1.0 |" in text
     assert "| ka (skipped) | — | — | — |" in text
     assert "`moe`: backbones=['a', 'rhythm']" in text
+
+
+def test_intervals_differences_and_cross_validation_are_reported(tmp_path):
+    metrics_dir, predictions_dir = _write_inputs(tmp_path, random=False)
+    rr = json.loads((metrics_dir / "rr.json").read_text())
+    rr["methods"]["ensemble"]["mae"]["ci"] = [6.5, 7.9]
+    rr["vs_ensemble"] = {"timesnet": {"mean": 0.877, "ci": [0.2, 1.5]}}
+    rr["evaluation"] = {"mode": "cv", "folds": 5, "n_evaluated": 197}
+    (metrics_dir / "rr.json").write_text(json.dumps(rr))
+    text = write_report(metrics_dir, predictions_dir, tmp_path / "out").read_text()
+    assert "**7.12 ± 0.31 [6.50, 7.90]**" in text  # the headline, with its interval
+    assert "rr 5-fold subject CV over 197 ECGs" in text
+    assert "age the test split (20 ECGs)" in text
+    assert "| Δ mae vs ensemble | — | — | — | +0.877 [+0.2, +1.5] |" in text

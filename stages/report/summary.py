@@ -103,8 +103,9 @@ def write_report(metrics_dir: Path, predictions_dir: Path, out_dir: Path) -> Pat
     lines = [
         "# EnECG report",
         "",
-        f"{len(fitted)} of {len(tasks)} tasks fitted; metrics are on the test split, "
-        "mean ± std over seeds.",
+        f"{len(fitted)} of {len(tasks)} tasks fitted; mean ± std over seeds, and for the "
+        "headline metric [its 95 % interval over resampled subjects]. Evaluated on: "
+        + "; ".join(_evaluated(task, m) for task, m in fitted.items()) + ".",
         *_random_warning(fitted.values()),
         *_headline_section(tasks),
         *_skipped_section(tasks),
@@ -160,7 +161,8 @@ def mean_std(value: object) -> tuple[float | None, float | None]:
 
 
 def format_cell(metric: str, value: object) -> str:
-    """'13.965 ± 0.035', '62.7 ± 1.0', '0.800 ± 0.012', or 'n/a'.
+    """'13.965 ± 0.035', '62.7 ± 1.0', '0.800 ± 0.012', or 'n/a'; with its 95 % interval
+    when the entry has one ('0.800 ± 0.012 [0.750, 0.850]').
 
     Errors (MAE) keep as many decimals as their spread over seeds needs (std to two
     significant figures, the mean to the same place), so neither a real difference nor the
@@ -176,7 +178,12 @@ def format_cell(metric: str, value: object) -> str:
         elif mean != 0:
             decimals = min(6, max(0, 2 - math.floor(math.log10(abs(mean)))))
     text = f"{mean:.{decimals}f}"
-    return text if std is None else f"{text} ± {std:.{decimals}f}"
+    if std is not None:
+        text = f"{text} ± {std:.{decimals}f}"
+    ci = value.get("ci") if isinstance(value, dict) else None
+    if ci and all(_number(c) is not None for c in ci):
+        text = f"{text} [{ci[0]:.{decimals}f}, {ci[1]:.{decimals}f}]"
+    return text
 
 
 def best_methods(metric: str, values: dict[str, object]) -> set[str]:
@@ -253,16 +260,38 @@ def _skipped_section(tasks: dict[str, dict]) -> list[str]:
     return ["", "## Skipped tasks", "", *skipped] if skipped else []
 
 
+def _evaluated(task: str, metrics: dict) -> str:
+    evaluation = metrics.get("evaluation") or {}
+    if evaluation.get("mode") == "cv":
+        return (f"{task} {evaluation.get('folds')}-fold subject CV over "
+                f"{evaluation.get('n_evaluated')} ECGs")
+    return f"{task} the test split ({metrics.get('n', {}).get('test', '?')} ECGs)"
+
+
+def _delta_row(metrics: dict, columns: list[str]) -> list[list[str]]:
+    """The paired difference of each method's headline metric to the ensemble's."""
+    deltas = metrics.get("vs_ensemble") or {}
+    if not deltas:
+        return []
+    cells = []
+    for column in columns:
+        d = deltas.get(column)
+        cells.append("—" if not d or column == "ensemble" else
+                     f"{d['mean']:+.3g} [{d['ci'][0]:+.3g}, {d['ci'][1]:+.3g}]")
+    return [[f"Δ {metrics['metric']} vs ensemble", *cells]]
+
+
 def _task_section(task: str, metrics: dict) -> list[str]:
     columns = _method_order(metrics)
     methods = {m: v for m, v in metrics["methods"].items() if isinstance(v, dict)}
     names = _union([[metrics["metric"]], *(list(v) for v in methods.values())])
     rows = [[f"{name} {_arrow(name)}",
              *_cells(name, {m: v[name] for m, v in methods.items() if name in v}, columns)]
-            for name in names]
+            for name in names] + _delta_row(metrics, columns)
     return ["", f"## {task}: every metric", "",
             f"{metrics.get('kind', 'unknown kind')}; headline metric `{metrics['metric']}`; "
-            "best method per metric in bold.", "",
+            "best method per metric in bold; the last row is each method's paired difference "
+            "to the ensemble, with its 95 % interval.", "",
             *_table(["metric", *columns], rows)]
 
 
