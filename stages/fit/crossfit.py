@@ -19,6 +19,7 @@ import torch
 from pipeline.params import FitParams
 from stages.fit.features import FeatureSource
 from stages.fit.model import Ensemble, ModelConfig
+from stages.fit.probes import warm_start
 from stages.fit.train import Objective, predict, train
 
 
@@ -53,6 +54,9 @@ def _fit_head(name: str, dim: int, source: FeatureSource, objective: Objective,
               params: FitParams, seed: int) -> Ensemble:
     torch.manual_seed(seed)
     model = Ensemble({name: dim}, 1, d_out, objective.classification, config)
+    skip = model.heads[name].skip
+    if skip is not None and not objective.classification and source.in_memory:
+        warm_start(skip, source.take(fit_rows, [name])[name], objective.y[fit_rows])
     train(model, source, objective, fit_rows, val_rows, params, seed)
     return model
 

@@ -57,6 +57,9 @@ class Head(nn.Module):
         mlp = nn.Sequential(nn.Linear(d_in, config.hidden), nn.ReLU(),
                             nn.Linear(config.hidden, config.hidden), nn.ReLU(),
                             nn.Linear(config.hidden, d_out))
+        if config.skip:  # the head starts as its linear path (see probes.warm_start)
+            nn.init.zeros_(mlp[4].weight)
+            nn.init.zeros_(mlp[4].bias)
         if config.adapter == "lora":
             mlp = get_peft_model(mlp, LoraConfig(
                 r=config.lora_r, lora_alpha=config.lora_alpha,

@@ -90,7 +90,9 @@ def train(model: Ensemble, source: FeatureSource, objective: Objective, train_ro
                                   lr=params.lr, weight_decay=params.weight_decay)
     rng = np.random.default_rng(seed)
     batch_size = batch_size_for(len(train_rows), params.batch_size)
-    best, best_state, stale, epochs = float("inf"), None, 0, 0
+    model.eval()  # the starting point competes too (a warm-started head may be best)
+    best = _val_loss(model, source, objective, val_rows, params.batch_size)
+    best_state, stale, epochs = copy.deepcopy(model.state_dict()), 0, 0
     while epochs < params.max_epochs:
         epochs += 1
         model.train()
@@ -108,8 +110,7 @@ def train(model: Ensemble, source: FeatureSource, objective: Objective, train_ro
             stale += 1
             if stale >= params.patience:
                 break
-    if best_state is not None:
-        model.load_state_dict(best_state)
+    model.load_state_dict(best_state)
     model.eval()
     return {"epochs": epochs, "best_val_loss": best}
 
