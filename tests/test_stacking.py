@@ -85,8 +85,7 @@ def test_an_expert_that_measures_the_target_is_not_drowned_by_noisy_ones(noisy):
     read_off = float(np.abs(measured - rr).mean())
     ensemble = metrics["methods"]["ensemble"]["mae"]["mean"]
     assert metrics["evaluation"]["mode"] == "cv" and metrics["evaluation"]["n_evaluated"] == N
-    # the learned head adds fitting noise over a plain read-off at 200 ECGs (README)
-    assert ensemble < 3 * read_off < 0.1 * metrics["methods"]["mean_predictor"]["mae"]["mean"]
+    assert ensemble < 1.2 * read_off < 0.1 * metrics["methods"]["mean_predictor"]["mae"]["mean"]
     assert metrics["gate_weights"]["measure"]["mean"] > 0.8
     assert ensemble <= min(metrics["methods"][f"noise{k}"]["mae"]["mean"] for k in range(3))
 
@@ -284,3 +283,22 @@ def test_too_few_subjects_for_cross_validation_skip_the_task_with_a_reason(noisy
     pq.write_table(table, tmp_path / "cohort.parquet")
     with pytest.raises(TaskSkipped, match="2 labelled subjects for rr .* too few for 3-fold"):
         fit_task("rr", _params(), tmp_path / "cohort.parquet", root / "cache")
+
+
+def test_a_regression_head_starts_as_a_robust_fit_of_its_linear_path():
+    """Gradient descent from 40 ECGs left a head far from the linear map a feature already
+    gives; the head now starts there, and one grossly wrong label does not pull it away."""
+    from stages.fit.crossfit import _fit_head
+
+    rng = np.random.default_rng(0)
+    y = rng.normal(size=60).astype(np.float32)
+    x = np.hstack([y[:, None], rng.normal(size=(60, 3))])
+    source = _source({"x": x, GATE: np.zeros((60, 1))})
+    labels = y.copy()
+    labels[0] = 40.0  # one label wildly off
+    params = FitParams(max_epochs=0, hidden=8)
+    model = _fit_head("x", 4, source, _objective(labels), np.arange(40), np.arange(40, 50),
+                      1, ModelConfig(hidden=8), params, seed=0)
+    from stages.fit.train import predict
+    out = predict(model, source, np.arange(50, 60), 16)[0][:, 0]
+    np.testing.assert_allclose(out, y[50:], atol=0.05)

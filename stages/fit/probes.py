@@ -8,8 +8,11 @@ cohorts. Needs the features in memory.
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import torch
+from sklearn.exceptions import ConvergenceWarning
 from sklearn.linear_model import HuberRegressor, RidgeCV
 
 from stages.fit.combine import ALPHAS, fit_logistic, probabilities
@@ -37,7 +40,9 @@ def linear_probe(name: str, source: FeatureSource, objective: Objective,
 def warm_start(skip: torch.nn.Linear, x: np.ndarray, y: np.ndarray) -> None:
     """Set a regression head's linear path to a Huber fit on its training rows (robust: a
     least-squares fit lets the few ECGs whose R-peaks were missed pull the map)."""
-    model = HuberRegressor(alpha=1e-3, max_iter=1000).fit(x, y)
+    with warnings.catch_warnings():  # a starting point: training goes on from it
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        model = HuberRegressor(alpha=1e-3, max_iter=1000).fit(x, y)
     with torch.no_grad():
         skip.weight.copy_(torch.from_numpy(model.coef_[None]))
         skip.bias.fill_(float(model.intercept_))
