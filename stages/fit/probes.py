@@ -41,11 +41,19 @@ def warm_start(skip: torch.nn.Linear, x: np.ndarray, y: np.ndarray) -> None:
     """Set a regression head's linear path to a Huber fit on its training rows (robust: a
     least-squares fit lets the few ECGs whose labels are far off pull the map), with the
     L2 penalty generalised cross-validation picks for ridge on the same rows (a fixed
-    small one overfitted 768 features from 128 ECGs)."""
-    alpha = RidgeCV(alphas=ALPHAS).fit(x, y).alpha_
+    small one overfitted 768 features from 128 ECGs). GCV scores squared error, so it sees
+    the labels clipped to median ± 3 robust SD: one label far off otherwise buys a penalty
+    that shrinks the map to nothing."""
+    alpha = RidgeCV(alphas=ALPHAS).fit(x, _clip_outliers(y)).alpha_
     with warnings.catch_warnings():  # a starting point: training goes on from it
         warnings.simplefilter("ignore", ConvergenceWarning)
         model = HuberRegressor(alpha=float(alpha), max_iter=1000).fit(x, y)
     with torch.no_grad():
         skip.weight.copy_(torch.from_numpy(model.coef_[None]))
         skip.bias.fill_(float(model.intercept_))
+
+
+def _clip_outliers(y: np.ndarray, k: float = 3.0) -> np.ndarray:
+    median = np.median(y)
+    spread = 1.4826 * np.median(np.abs(y - median))  # MAD scaled to the SD of a normal
+    return np.clip(y, median - k * spread, median + k * spread) if spread > 0 else y
