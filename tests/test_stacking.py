@@ -302,3 +302,39 @@ def test_a_regression_head_starts_as_a_robust_fit_of_its_linear_path():
     from stages.fit.train import predict
     out = predict(model, source, np.arange(50, 60), 16)[0][:, 0]
     np.testing.assert_allclose(out, y[50:], atol=0.05)
+
+
+def test_a_head_whose_feature_measures_the_target_starts_near_the_read_off(monkeypatch):
+    """Like the rhythm expert's mean RR: one feature equals the target except on a few ECGs
+    (ectopic beats), 16 correlated ones are noisier. The sparse median fit keeps the one
+    feature; ridge alone spreads weight over all and lands several times further off."""
+    import stages.fit.probes as probes
+    from stages.fit.crossfit import _fit_head
+    from stages.fit.train import predict
+
+    rng = np.random.default_rng(1)
+    n = 200
+    y = rng.normal(size=n)
+
+    def gross(fraction: float) -> np.ndarray:
+        return np.where(rng.random(n) < fraction, rng.normal(0, 2, size=n), 0.0)
+
+    columns = [y + 0.01 * rng.normal(size=n) + gross(0.03)]
+    columns += [y + 0.3 * rng.normal(size=n) + gross(0.2) for _ in range(16)]
+    x = np.stack(columns, axis=1).astype(np.float32)
+    source = _source({"x": x, GATE: np.zeros((n, 1))})
+    test = np.arange(150, 200)
+    read_off = np.abs(x[test, 0] - y[test]).mean()
+
+    def start_error() -> float:
+        model = _fit_head("x", 17, source, _objective(y.astype(np.float32)), np.arange(120),
+                          np.arange(120, 150), 1, ModelConfig(hidden=8),
+                          FitParams(max_epochs=0, hidden=8), seed=0,
+                          subjects=np.arange(n) // 2)
+        return float(np.abs(predict(model, source, test, 16)[0][:, 0] - y[test]).mean())
+
+    sparse = start_error()
+    monkeypatch.setattr(probes, "LAD_MAX_CELLS", 0)  # ridge on clipped labels only
+    ridge = start_error()
+    assert sparse < 2 * read_off
+    assert ridge > 3 * sparse

@@ -51,12 +51,13 @@ class ExpertFit:
 
 def _fit_head(name: str, dim: int, source: FeatureSource, objective: Objective,
               fit_rows: np.ndarray, val_rows: np.ndarray, d_out: int, config: ModelConfig,
-              params: FitParams, seed: int) -> Ensemble:
+              params: FitParams, seed: int, subjects: np.ndarray | None = None) -> Ensemble:
     torch.manual_seed(seed)
     model = Ensemble({name: dim}, 1, d_out, objective.classification, config)
     skip = model.heads[name].skip
     if skip is not None and not objective.classification and source.in_memory:
-        warm_start(skip, source.take(fit_rows, [name])[name], objective.y[fit_rows])
+        warm_start(skip, source.take(fit_rows, [name])[name], objective.y[fit_rows],
+                   None if subjects is None else subjects[fit_rows])
     train(model, source, objective, fit_rows, val_rows, params, seed)
     return model
 
@@ -74,10 +75,10 @@ def cross_fit(name: str, dim: int, source: FeatureSource, objective: Objective,
         if len(fit_rows) == 0:
             continue
         model = _fit_head(name, dim, source, objective, fit_rows, val_rows, d_out, config,
-                          params, seed * 1000 + fold)
+                          params, seed * 1000 + fold, subjects)
         outputs[held] = predict(model, source, held, params.batch_size)[1][:, 0]
     model = _fit_head(name, dim, source, objective, train_rows, val_rows, d_out, config,
-                      params, seed * 1000 + 999)
+                      params, seed * 1000 + 999, subjects)
     others = np.concatenate([r for s, r in rows.items() if s != "train"])
     outputs[others] = predict(model, source, others, params.batch_size)[1][:, 0]
     return ExpertFit(outputs, model.heads[name])

@@ -1,4 +1,5 @@
-"""The linear probe per expert: the standard protocol of MOMENT and ECG-FM.
+"""Linear fits on one expert's features: the linear probe (the standard protocol of MOMENT
+and ECG-FM), and the robust linear map a regression head starts from (``warm_start``).
 
 A ridge regression (penalty by generalised cross-validation on training rows) or a
 logistic regression (C by validation loss) on the expert's standardised cached features.
@@ -8,12 +9,12 @@ cohorts. Needs the features in memory.
 
 from __future__ import annotations
 
-import warnings
+from collections.abc import Callable
 
 import numpy as np
 import torch
-from sklearn.exceptions import ConvergenceWarning
-from sklearn.linear_model import HuberRegressor, RidgeCV
+from sklearn.linear_model import QuantileRegressor, RidgeCV
+from sklearn.model_selection import GroupKFold, KFold
 
 from stages.fit.combine import ALPHAS, fit_logistic, probabilities
 from stages.fit.features import FeatureSource
@@ -37,20 +38,69 @@ def linear_probe(name: str, source: FeatureSource, objective: Objective,
     return {s: probabilities(model, x(s), n_classes) for s in ("val", "test")}
 
 
-def warm_start(skip: torch.nn.Linear, x: np.ndarray, y: np.ndarray) -> None:
-    """Set a regression head's linear path to a Huber fit on its training rows (robust: a
-    least-squares fit lets the few ECGs whose labels are far off pull the map), with the
-    L2 penalty generalised cross-validation picks for ridge on the same rows (a fixed
-    small one overfitted 768 features from 128 ECGs). GCV scores squared error, so it sees
-    the labels clipped to median ± 3 robust SD: one label far off otherwise buys a penalty
-    that shrinks the map to nothing."""
-    alpha = RidgeCV(alphas=ALPHAS).fit(x, _clip_outliers(y)).alpha_
-    with warnings.catch_warnings():  # a starting point: training goes on from it
-        warnings.simplefilter("ignore", ConvergenceWarning)
-        model = HuberRegressor(alpha=float(alpha), max_iter=1000).fit(x, y)
+# L1 penalties of the sparse median fit, for standardised features and target: on the 200-ECG
+# cohort's regression tasks every expert's best lay in this range.
+LAD_ALPHAS = (0.01, 0.03, 0.1)
+# Above this many rows x features the linear program takes seconds per fit, and a head is fit
+# (folds + 1) x seeds times: Huber alone.
+LAD_MAX_CELLS = 60_000
+SELECT_FOLDS = 3
+
+
+def warm_start(skip: torch.nn.Linear, x: np.ndarray, y: np.ndarray,
+               groups: np.ndarray | None = None) -> None:
+    """Set a regression head's linear path to the better, by subject-grouped inner
+    cross-validation of absolute error, of two robust linear fits on its training rows.
+
+    * Ridge on the labels clipped to median ± 3 robust SD, penalty by generalised
+      cross-validation (a fixed small one overfitted 768 features from 128 ECGs); the clip
+      keeps a grossly wrong label from pulling the map or buying a penalty that zeroes it.
+    * A sparse median fit (absolute loss + L1 penalty, ``LAD_ALPHAS``), on designs small
+      enough for its linear program. Where one feature already measures the target (the
+      rhythm expert's mean RR) but some ECGs' features are far off (ectopic beats), ridge
+      spreads weight over 16 correlated features: 19.5 ms MAE on the 200-ECG cohort,
+      against 7.3 for the sparse fit and 7.2 for the feature read off directly.
+
+    Huber regression was used before: as good as the clipped ridge or worse on every
+    expert of that cohort, and seconds per fit on wide embeddings.
+    """
+    candidates = [_clipped_ridge]
+    if x.size <= LAD_MAX_CELLS:
+        candidates += [_median_lasso(alpha) for alpha in LAD_ALPHAS]
+    fit = candidates[0]
+    if len(candidates) > 1 and len(y) >= 2 * SELECT_FOLDS:
+        fit = min(candidates, key=lambda f: _inner_mae(f, x, y, groups))
+    coef, intercept = fit(x, y)
     with torch.no_grad():
-        skip.weight.copy_(torch.from_numpy(model.coef_[None]))
-        skip.bias.fill_(float(model.intercept_))
+        skip.weight.copy_(torch.from_numpy(coef[None].astype(np.float32)))
+        skip.bias.fill_(float(intercept))
+
+
+LinearFit = Callable[[np.ndarray, np.ndarray], tuple[np.ndarray, float]]
+
+
+def _clipped_ridge(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, float]:
+    model = RidgeCV(alphas=ALPHAS).fit(x, _clip_outliers(y))
+    return model.coef_, float(model.intercept_)
+
+
+def _median_lasso(alpha: float) -> LinearFit:
+    def fit(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, float]:
+        model = QuantileRegressor(quantile=0.5, alpha=alpha, solver="highs").fit(x, y)
+        return model.coef_, float(model.intercept_)
+    return fit
+
+
+def _inner_mae(fit: LinearFit, x: np.ndarray, y: np.ndarray,
+               groups: np.ndarray | None) -> float:
+    folds = (GroupKFold(SELECT_FOLDS) if groups is not None
+             and len(np.unique(groups)) >= SELECT_FOLDS
+             else KFold(SELECT_FOLDS, shuffle=True, random_state=0))
+    total = 0.0
+    for train, held in folds.split(x, y, groups):
+        coef, intercept = fit(x[train], y[train])
+        total += float(np.abs(x[held] @ coef + intercept - y[held]).sum())
+    return total / len(y)
 
 
 def _clip_outliers(y: np.ndarray, k: float = 3.0) -> np.ndarray:
