@@ -306,7 +306,7 @@ def test_a_regression_head_starts_as_a_robust_fit_of_its_linear_path():
 
 def test_a_head_whose_feature_measures_the_target_starts_near_the_read_off(monkeypatch):
     """Like the rhythm expert's mean RR: one feature equals the target except on a few ECGs
-    (ectopic beats), 16 correlated ones are noisier. The sparse median fit keeps the one
+    (a missed or extra beat), 16 correlated ones are noisier. The sparse median fit keeps the one
     feature; ridge alone spreads weight over all and lands several times further off."""
     import stages.fit.probes as probes
     from stages.fit.crossfit import _fit_head
