@@ -152,3 +152,45 @@ def test_two_dask_workers_give_the_same_array(small_prepared, tmp_path):
     one, two = _arrays(tmp_path / "one" / "timesnet.zarr"), \
         _arrays(tmp_path / "two" / "timesnet.zarr")
     np.testing.assert_array_equal(one["features"], two["features"])
+
+
+def test_dvc_and_the_fingerprint_watch_the_same_feature_code():
+    """`dvc repro` re-runs extract@<backbone> exactly when `pipeline extract` would refuse
+    the old cache: both see the same files."""
+    import yaml
+
+    from stages.extract.feature_code import ROOT, feature_code
+
+    stage = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]["extract"]["do"]
+    backbones = yaml.safe_load((ROOT / "params.yaml").read_text())["backbones"]
+    for key, section in backbones.items():
+        deps = {d.replace("${key}", key) for d in stage["deps"] if "${prepare.out}" not in d}
+        backbone = create_backbone(key, section.get("model", {}), section.get("per_lead", False))
+        assert {p.relative_to(ROOT).as_posix() for p in feature_code(backbone)} == deps, key
+
+
+def test_a_cache_from_other_feature_code_is_refused_by_name(small_prepared, tmp_path,
+                                                            monkeypatch):
+    _extract("gate", small_prepared, tmp_path)
+    assert _extract("gate", small_prepared, tmp_path)["status"] == "up to date"
+    monkeypatch.setattr(run, "code_digest", lambda backbone: "edited")
+    with pytest.raises(CacheError, match="code_digest: cached '[0-9a-f]{16}', requested "
+                                         "'edited'") as err:
+        _extract("gate", small_prepared, tmp_path)
+    assert "--force" in str(err.value)
+    assert _extract("gate", small_prepared, tmp_path, force=True)["status"] == "built"
+
+
+def test_the_code_digest_changes_with_a_byte_of_the_backbones_module(tmp_path, monkeypatch):
+    """A copy of a backbone's module with one edited line gives another digest."""
+    import stages.extract.feature_code as feature_code
+
+    backbone = create_backbone("gate", {}, False)
+    before = feature_code.code_digest(backbone)
+    source = feature_code.feature_code(backbone)[0]
+    copy = tmp_path / source.name
+    copy.write_text(source.read_text().replace("\n", "\n# edited\n", 1))
+    monkeypatch.setattr(feature_code.inspect, "getsourcefile", lambda cls: str(copy))
+    assert feature_code.code_digest(backbone) != before
+    copy.write_text(source.read_text())
+    assert feature_code.code_digest(backbone) == before

@@ -20,12 +20,12 @@ import torch
 from distributed import as_completed
 from tqdm import tqdm
 
-from pipeline import __version__
 from pipeline.dask_runtime import dask_client
 from pipeline.feature_cache import CacheBuilder, check_published, open_features, write_shard
 from pipeline.params import BackboneParams, ExtractParams
 from pipeline.signal_store import SignalStore
 from stages.extract.backbones import RANDOM, Backbone, create_backbone
+from stages.extract.feature_code import code_digest
 
 
 def resolve_device(device: str) -> torch.device:
@@ -127,7 +127,7 @@ def fingerprint(backbone: Backbone, params: BackboneParams, store: SignalStore) 
         "cohort_digest": str(store.attrs.get("cohort_digest")),
         "n_rows": len(store),
         "dtype": "float32",
-        "code_version": __version__,
+        "code_digest": code_digest(backbone),
     }
 
 
