@@ -8,8 +8,9 @@ Life of a store, and why:
   writer: zarr cannot merge partial writes into a shard, so two writers of one shard lose
   data. A killed run leaves the partial folder; the next run with the same fingerprint
   resumes at the first unmarked shard.
-* When every shard is marked, the store is renamed to ``cache/<name>.zarr`` in one step,
-  with the fingerprint and ``complete: true`` in its attributes.
+* When every shard is marked, the store is put at ``cache/<name>.zarr`` in one step (an
+  atomic swap with an older store there, see ``pipeline.staging``), with the fingerprint
+  and ``complete: true`` in its attributes.
 * A store or partial folder whose fingerprint differs from the request (other weights,
   other cohort, other input contract, other code) is never reused silently.
 """
@@ -17,7 +18,6 @@ Life of a store, and why:
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -26,6 +26,8 @@ from typing import Any
 
 import numpy as np
 import zarr
+
+from pipeline.staging import replace_dir
 
 FINGERPRINT = "fingerprint"
 
@@ -90,6 +92,7 @@ class CacheBuilder:
             diff = fingerprint_diff(have, self.fingerprint)
             if diff:
                 raise _refusal(self.work, diff)
+            _drop_torn_writes(self.store_path)
             return
         shutil.rmtree(self.work, ignore_errors=True)
         self.done_dir.mkdir(parents=True)
@@ -110,11 +113,33 @@ class CacheBuilder:
         group = zarr.open_group(self.store_path, mode="r+")
         group.attrs.update({FINGERPRINT: self.fingerprint, "complete": True,
                             "n_rows": self.n_rows, "shard_rows": self.shard_rows})
-        if self.final.exists():
-            shutil.rmtree(self.final)
-        os.replace(self.store_path, self.final)
+        replace_dir(self.store_path, self.final)
         shutil.rmtree(self.work, ignore_errors=True)
         return self.final
+
+
+def _drop_torn_writes(store: Path) -> None:
+    """Delete the temporary files of chunk writes a killed run left in the store.
+
+    zarr writes each chunk file under a temporary ``*.partial`` name and renames it into
+    place, so a killed write leaves that file behind (its shard is unmarked and is written
+    again); without this it would be published inside the store.
+    """
+    for torn in Path(store).rglob("*.partial"):
+        torn.unlink()
+
+
+def clear_leftovers(final: Path, fingerprint: Mapping[str, Any]) -> None:
+    """Delete a partial folder that only holds what ``final`` already publishes.
+
+    A run killed after publishing but before its clean-up leaves one behind (with the
+    replaced store inside); a partial build of *other* settings is kept for its resume.
+    """
+    work = Path(final).parent / f".{Path(final).name.removesuffix('.zarr')}.partial"
+    marker = work / "fingerprint.json"
+    if work.exists() and (not marker.exists()
+                          or not fingerprint_diff(json.loads(marker.read_text()), fingerprint)):
+        shutil.rmtree(work, ignore_errors=True)
 
 
 def write_shard(store_path: Path, done_dir: Path, shard: int, start: int,

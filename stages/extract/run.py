@@ -21,7 +21,13 @@ from distributed import as_completed
 from tqdm import tqdm
 
 from pipeline.dask_runtime import dask_client
-from pipeline.feature_cache import CacheBuilder, check_published, open_features, write_shard
+from pipeline.feature_cache import (
+    CacheBuilder,
+    check_published,
+    clear_leftovers,
+    open_features,
+    write_shard,
+)
 from pipeline.params import BackboneParams, ExtractParams
 from pipeline.signal_store import SignalStore
 from stages.extract.backbones import RANDOM, Backbone, create_backbone
@@ -150,6 +156,7 @@ def extract(name: str, params: BackboneParams, settings: ExtractParams, prepared
     summary = {"backbone": name, "rows": n_rows, "weights": origin,
                "weights_digest": fp["weights_digest"], "device": str(device), "path": str(final)}
     if not force and check_published(final, fp):
+        clear_leftovers(final, fp)
         return {**summary, "status": "up to date", "computed_rows": 0, "seconds": 0.0}
     builder = CacheBuilder(final, fp, n_rows, backbone.arrays(), settings.shard_rows, force)
     pending = builder.pending_shards()

@@ -32,6 +32,7 @@ import torch
 
 from pipeline.feature_cache import CacheError
 from pipeline.params import FitParams
+from pipeline.staging import staged_dir, staged_file
 from stages.fit.bootstrap import intervals
 from stages.fit.combine import (
     Stacker,
@@ -446,37 +447,35 @@ class FitResult:
     feature_scaling: dict[str, tuple[np.ndarray, np.ndarray]]
 
     def write(self, params: FitParams) -> None:
-        """metrics/<task>.json, predictions/<task>.parquet, models/<task>/seed<k>.pt."""
+        """models/<task>/seed<k>.pt, predictions/<task>.parquet, then metrics/<task>.json.
+
+        Each output is swapped in whole (``pipeline.staging``), metrics last: a killed fit
+        leaves every file either as the previous run wrote it or as this one did.
+        """
         task = self.metrics["task"]
-        write_metrics(Path(params.metrics) / f"{task}.json", self.metrics)
+        with staged_dir(Path(params.models) / task) as folder:
+            for seed, saved in self.models.items():
+                torch.save({"task": task, "classes": self.classes, "target_scale": self.scale,
+                            "threshold": saved["threshold"],
+                            "model_config": self.config.describe(),
+                            "dims": self.dims, "gate_dim": self.gate_dim,
+                            "fingerprints": self.fingerprints,
+                            "feature_scaling": {k: (torch.from_numpy(m), torch.from_numpy(s))
+                                                for k, (m, s) in self.feature_scaling.items()},
+                            "state_dict": saved["model"].state_dict()},
+                           folder / f"seed{seed}.pt")
         _write_predictions(Path(params.predictions) / f"{task}.parquet", self.predictions)
-        folder = Path(params.models) / task
-        folder.mkdir(parents=True, exist_ok=True)
-        for stale in folder.glob("seed*.pt"):
-            stale.unlink()
-        for seed, saved in self.models.items():
-            torch.save({"task": task, "classes": self.classes, "target_scale": self.scale,
-                        "threshold": saved["threshold"], "model_config": self.config.describe(),
-                        "dims": self.dims, "gate_dim": self.gate_dim,
-                        "fingerprints": self.fingerprints,
-                        "feature_scaling": {k: (torch.from_numpy(m), torch.from_numpy(s))
-                                            for k, (m, s) in self.feature_scaling.items()},
-                        "state_dict": saved["model"].state_dict()},
-                       folder / f"seed{seed}.pt")
+        write_metrics(Path(params.metrics) / f"{task}.json", self.metrics)
 
 
 def write_metrics(path: Path, metrics: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(metrics, indent=2) + "\n")
-    tmp.replace(path)
+    with staged_file(path) as tmp:
+        tmp.write_text(json.dumps(metrics, indent=2) + "\n")
 
 
 def _write_predictions(path: Path, frame: pd.DataFrame) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".parquet.tmp")
-    frame.to_parquet(tmp, index=False)
-    tmp.replace(path)
+    with staged_file(path) as tmp:
+        frame.to_parquet(tmp, index=False)
 
 
 def write_skipped(task_name: str, reason: str, params: FitParams, n: dict | None = None) -> dict:
@@ -484,13 +483,11 @@ def write_skipped(task_name: str, reason: str, params: FitParams, n: dict | None
     so the report lists it and DVC finds every declared output."""
     metrics = {"task": task_name, "skipped": reason,
                "n": n or {"train": 0, "val": 0, "test": 0}}
-    write_metrics(Path(params.metrics) / f"{task_name}.json", metrics)
+    with staged_dir(Path(params.models) / task_name):
+        pass
     _write_predictions(Path(params.predictions) / f"{task_name}.parquet",
                        pd.DataFrame({"record_id": pd.Series(dtype=str)}))
-    folder = Path(params.models) / task_name
-    folder.mkdir(parents=True, exist_ok=True)
-    for stale in folder.glob("seed*.pt"):
-        stale.unlink()
+    write_metrics(Path(params.metrics) / f"{task_name}.json", metrics)
     return metrics
 
 

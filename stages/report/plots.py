@@ -14,6 +14,8 @@ import pandas as pd
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from pipeline.staging import staged_file
+
 DPI = 110
 UNITS = {"rr": "ms", "age": "years"}
 NAMES = {"rr": "RR interval", "age": "age", "sex": "sex", "ka": "potassium abnormality",
@@ -28,8 +30,8 @@ def _figure(width: float, height: float) -> Figure:
 
 
 def _save(fig: Figure, path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=DPI)
+    with staged_file(path) as tmp:
+        fig.savefig(tmp, dpi=DPI, format=path.suffix.lstrip("."))
     return path
 
 

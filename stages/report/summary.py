@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from pipeline.staging import staged_file
 from stages.report import plots
 
 TASKS = ("rr", "age", "sex", "ka", "ad")
@@ -116,9 +117,9 @@ def write_report(metrics_dir: Path, predictions_dir: Path, out_dir: Path) -> Pat
         *_data_section(tasks),
         *_plots_section(plot_links, plot_notes),
     ]
-    out_dir.mkdir(parents=True, exist_ok=True)
     summary = out_dir / "summary.md"
-    summary.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    with staged_file(summary) as tmp:
+        tmp.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return summary
 
 
