@@ -288,3 +288,31 @@ def test_variants_cross_fit_shared_heads_once(fake, monkeypatch):
     alone = fit_task("rr", _params(seeds=1, backbones=["strong"]), root / "cohort.parquet",
                      root / "cache", baselines=False).metrics
     assert result["tasks"]["rr"]["variants"]["strong_only"] == alone["methods"]["ensemble"]
+
+
+def test_streamed_and_in_memory_sources_give_the_same_batches_and_scaling(fake, monkeypatch):
+    from stages.fit.features import FeatureSource, load_features
+
+    root, cohort = fake
+    open_ = lambda gb: load_features(root / "cache", ["strong", "weak"], DIGEST, N,  # noqa: E731
+                                     max_memory_gb=gb, gate_inputs=["gate", "weak"])
+    memory, stream = open_(10.0), open_(0.0)
+    assert memory.in_memory and not stream.in_memory
+    assert stream.dims() == memory.dims() == {"strong": 8, "weak": 6, "gate": 16}
+    rows = np.flatnonzero(cohort["split"].to_numpy() == "train")
+    for source in (memory, stream):
+        source.fit_scaling(rows)
+    for name, (mean, std) in memory.scaling.items():
+        np.testing.assert_allclose(stream.scaling[name][0], mean, rtol=1e-6, atol=1e-6)
+        np.testing.assert_allclose(stream.scaling[name][1], std, rtol=1e-6)
+    np.testing.assert_allclose(memory.take(rows)["weak"].mean(axis=0), 0, atol=1e-5)
+    val = np.flatnonzero(cohort["split"].to_numpy() == "val")
+    expect = list(memory.batches(val, 32, None))
+    stream.max_memory_gb = 1.0
+    stream.hold(val)
+    monkeypatch.setattr(FeatureSource, "load", lambda *a, **k: pytest.fail("read from disk"))
+    got = list(stream.batches(val, 32, None))
+    assert len(got) == len(expect)
+    for chunk, data in got:
+        for name, values in data.items():
+            np.testing.assert_array_equal(values, memory.take(chunk)[name])

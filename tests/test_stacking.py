@@ -3,7 +3,6 @@ answers, subject-grouped cross-validation and bootstrap intervals that cover the
 
 from __future__ import annotations
 
-import dask.array as da
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -45,7 +44,7 @@ def _write_cache(folder, name, values):
 
 
 def _source(arrays: dict[str, np.ndarray]) -> FeatureSource:
-    source = FeatureSource({k: da.from_array(v.astype(np.float32)) for k, v in arrays.items()},
+    source = FeatureSource({k: v.astype(np.float32) for k, v in arrays.items()},
                            {}, in_memory=True, block_rows=len(next(iter(arrays.values()))))
     source.materialise()
     return source

@@ -90,6 +90,7 @@ def train(model: Ensemble, source: FeatureSource, objective: Objective, train_ro
                                   lr=params.lr, weight_decay=params.weight_decay)
     rng = np.random.default_rng(seed)
     batch_size = batch_size_for(len(train_rows), params.batch_size)
+    source.hold(val_rows)  # read once, not once per epoch, when the features stream
     model.eval()  # the starting point competes too (a warm-started head may be best)
     best = _val_loss(model, source, objective, val_rows, params.batch_size)
     best_state, stale, epochs = copy.deepcopy(model.state_dict()), 0, 0
