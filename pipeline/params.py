@@ -61,7 +61,13 @@ class BackboneParams:
     seed: int = 0
     batch_size: int = 32
     per_lead: bool = False
+    dtype: str = "float32"
     model: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.dtype not in ("float32", "float16"):
+            raise ParamsError(f"backbones.<name>.dtype must be float32 or float16, got "
+                              f"{self.dtype!r}")
 
 
 @dataclass

@@ -194,3 +194,36 @@ def test_the_code_digest_changes_with_a_byte_of_the_backbones_module(tmp_path, m
     assert feature_code.code_digest(backbone) != before
     copy.write_text(source.read_text())
     assert feature_code.code_digest(backbone) == before
+
+
+def test_a_float16_cache_halves_the_store_and_keeps_the_features(small_prepared, tmp_path):
+    _extract("dlinear", small_prepared, tmp_path / "f32")
+    summary = _extract("dlinear", small_prepared, tmp_path / "f16", dtype="float16")
+    assert summary["status"] == "built"
+    wide, narrow = _arrays(tmp_path / "f32" / "dlinear.zarr"), \
+        _arrays(tmp_path / "f16" / "dlinear.zarr")
+    for key, values in wide.items():
+        assert narrow[key].dtype == np.float16
+        np.testing.assert_allclose(narrow[key].astype(np.float32), values, rtol=1e-3, atol=1e-4)
+    assert open_features(tmp_path / "f16" / "dlinear.zarr")[1]["dtype"] == "float16"
+    with pytest.raises(CacheError, match="dtype"):  # a float32 cache is not reused silently
+        _extract("dlinear", small_prepared, tmp_path / "f32", dtype="float16")
+
+
+def test_values_beyond_float16_are_refused_and_the_shard_stays_unmarked(tmp_path):
+    from pipeline.feature_cache import ArraySpec, CacheBuilder, write_shard
+
+    builder = CacheBuilder(tmp_path / "x.zarr", {"backbone": "x"}, 8, [ArraySpec("features", (2,))],
+                           shard_rows=8, dtype="float16")
+    block = np.ones((8, 2), dtype=np.float32)
+    block[3, 1] = 1e5
+    with pytest.raises(CacheError, match="1e\\+05 does not fit float16.*dtype: float32"):
+        write_shard(builder.store_path, builder.done_dir, 0, 0, {"features": block})
+    assert builder.pending_shards() == [0]
+
+
+def test_an_unknown_storage_dtype_is_refused():
+    from pipeline.params import ParamsError
+
+    with pytest.raises(ParamsError, match="float32 or float16"):
+        BackboneParams(dtype="bfloat16")

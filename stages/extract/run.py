@@ -132,7 +132,7 @@ def fingerprint(backbone: Backbone, params: BackboneParams, store: SignalStore) 
         "contract": backbone.contract.describe(),
         "cohort_digest": str(store.attrs.get("cohort_digest")),
         "n_rows": len(store),
-        "dtype": "float32",
+        "dtype": params.dtype,
         "code_digest": code_digest(backbone),
     }
 
@@ -158,7 +158,8 @@ def extract(name: str, params: BackboneParams, settings: ExtractParams, prepared
     if not force and check_published(final, fp):
         clear_leftovers(final, fp)
         return {**summary, "status": "up to date", "computed_rows": 0, "seconds": 0.0}
-    builder = CacheBuilder(final, fp, n_rows, backbone.arrays(), settings.shard_rows, force)
+    builder = CacheBuilder(final, fp, n_rows, backbone.arrays(), settings.shard_rows, force,
+                           dtype=params.dtype)
     pending = builder.pending_shards()
     job = ExtractJob(
         backbone=name, model=backbone.config, per_lead=params.per_lead, weights=weights,
