@@ -179,6 +179,19 @@ def test_a_killed_extraction_resumes_to_the_identical_store(small_prepared, whol
     assert sorted(p.name for p in tmp_path.iterdir()) == ["moment.zarr", "weights"]
 
 
+@pytest.mark.slow
+def test_an_extraction_killed_after_publishing_is_up_to_date_and_cleans_up(
+        small_prepared, whole_moment, tmp_path):
+    code = _EXTRACT.format(root=str(ROOT), prepared=str(small_prepared), cache=str(tmp_path))
+    _killed(_KILL_AT, "pipeline.feature_cache.replace_dir", "1", "after", code)
+    assert (tmp_path / ".moment.partial").exists()  # its clean-up never ran
+    assert _extract("moment", small_prepared, tmp_path)["status"] == "up to date"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["moment.zarr", "weights"]
+    whole, published = _arrays(whole_moment), _arrays(tmp_path / "moment.zarr")
+    for key in whole:
+        np.testing.assert_array_equal(whole[key], published[key])
+
+
 # ---- fit outputs ----------------------------------------------------------------------
 
 _WRITE = """

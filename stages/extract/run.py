@@ -30,6 +30,7 @@ from pipeline.feature_cache import (
 )
 from pipeline.params import BackboneParams, ExtractParams
 from pipeline.signal_store import SignalStore
+from pipeline.staging import recover
 from stages.extract.backbones import RANDOM, Backbone, create_backbone
 from stages.extract.feature_code import code_digest
 
@@ -155,6 +156,7 @@ def extract(name: str, params: BackboneParams, settings: ExtractParams, prepared
               "loaded" if backbone.needs_weights else "none")
     summary = {"backbone": name, "rows": n_rows, "weights": origin,
                "weights_digest": fp["weights_digest"], "device": str(device), "path": str(final)}
+    recover(final)  # a store a killed publish had moved aside (file systems that can't swap)
     if not force and check_published(final, fp):
         clear_leftovers(final, fp)
         return {**summary, "status": "up to date", "computed_rows": 0, "seconds": 0.0}
