@@ -266,12 +266,13 @@ def report(
     params: ParamsOption = Path("params.yaml"),
     out: Annotated[Path, typer.Option(help="Folder for summary.md and plots/.")] = Path("reports"),
 ) -> None:
-    """Summarise every task's metrics into reports/summary.md with plots."""
+    """Summarise the metrics of params.yaml's `tasks:` into reports/summary.md with plots."""
     from stages.report.summary import write_report
 
-    fit = _params(params).fit
+    loaded = _params(params)
     try:
-        path = write_report(Path(fit.metrics), Path(fit.predictions), out)
+        path = write_report(Path(loaded.fit.metrics), Path(loaded.fit.predictions), out,
+                            loaded.tasks)
     except ValueError as err:
         _fail(str(err))
     typer.echo(f"wrote {path}")

@@ -205,6 +205,15 @@ def test_missing_and_broken_inputs_do_not_crash(tmp_path):
     assert (tmp_path / "out" / "plots" / "sex_roc.png").is_file()
 
 
+def test_tasks_left_out_of_params_are_not_reported(tmp_path):
+    metrics_dir, predictions_dir = _write_inputs(tmp_path, random=True)
+    (metrics_dir / "ka.json").unlink(missing_ok=True)
+    text = write_report(metrics_dir, predictions_dir, tmp_path / "out",
+                        tasks=["rr", "sex", "ad"]).read_text()
+    assert "3 of 3 tasks fitted" in text
+    assert "ka.json" not in text and "`age`" not in text
+
+
 def test_empty_metrics_dir_says_run_fit_ensemble(tmp_path):
     (tmp_path / "metrics").mkdir()
     with pytest.raises(ValueError, match="fit-ensemble"):

@@ -92,10 +92,12 @@ def _multitask_section(path: Path) -> list[str]:
     return lines
 
 
-def write_report(metrics_dir: Path, predictions_dir: Path, out_dir: Path) -> Path:
-    """Write out_dir/summary.md and out_dir/plots/*.png; return the summary's path."""
+def write_report(metrics_dir: Path, predictions_dir: Path, out_dir: Path,
+                 tasks: Iterable[str] = TASKS) -> Path:
+    """Write out_dir/summary.md and out_dir/plots/*.png for ``tasks`` (params.yaml's
+    ``tasks:``); return the summary's path."""
     metrics_dir, predictions_dir, out_dir = Path(metrics_dir), Path(predictions_dir), Path(out_dir)
-    tasks = load_metrics(metrics_dir)
+    tasks = load_metrics(metrics_dir, tasks)
     fitted = {task: m for task, m in tasks.items() if not m.get("skipped")}
     plot_links: dict[str, list[tuple[str, str]]] = {}
     plot_notes: dict[str, list[str]] = {}
@@ -123,11 +125,14 @@ def write_report(metrics_dir: Path, predictions_dir: Path, out_dir: Path) -> Pat
     return summary
 
 
-def load_metrics(metrics_dir: Path) -> dict[str, dict]:
-    """Every task id -> its metrics; a missing or unreadable file becomes a skipped entry."""
-    paths = {task: metrics_dir / f"{task}.json" for task in TASKS}
+def load_metrics(metrics_dir: Path, tasks: Iterable[str] = TASKS) -> dict[str, dict]:
+    """Each task id -> its metrics; a missing or unreadable file becomes a skipped entry.
+
+    Only ``tasks`` are read: a task left out of ``tasks:`` is not a skipped task, and a
+    metrics file left behind by an earlier run with it must not reappear in the report."""
+    paths = {task: metrics_dir / f"{task}.json" for task in tasks}
     if not any(path.is_file() for path in paths.values()):
-        raise ValueError(f"no task metrics ({', '.join(f'{t}.json' for t in TASKS)}) in "
+        raise ValueError(f"no task metrics ({', '.join(f'{t}.json' for t in paths)}) in "
                          f"{metrics_dir}; run `pipeline fit-ensemble` first")
     return {task: _read_task(task, path) for task, path in paths.items()}
 
