@@ -59,6 +59,11 @@ def _refusal(path: Path, diff: list[str]) -> CacheError:
     )
 
 
+def work_dir(final: Path) -> Path:
+    """Where the store for ``final`` is built: ``cache/.<name>.partial``."""
+    return Path(final).parent / f".{Path(final).name.removesuffix('.zarr')}.partial"
+
+
 class CacheBuilder:
     """Builds (or resumes) the store for one backbone; ``publish`` makes it visible."""
 
@@ -66,7 +71,7 @@ class CacheBuilder:
                  shard_rows: int, force: bool = False, dtype: str = "float32"):
         self.final = Path(final)
         self.dtype = dtype
-        self.work = self.final.parent / f".{self.final.name.removesuffix('.zarr')}.partial"
+        self.work = work_dir(self.final)
         self.store_path = self.work / "store.zarr"
         self.done_dir = self.work / "done"
         self.fingerprint = fingerprint
@@ -135,7 +140,7 @@ def clear_leftovers(final: Path, fingerprint: Mapping[str, Any]) -> None:
     A run killed after publishing but before its clean-up leaves one behind (with the
     replaced store inside); a partial build of *other* settings is kept for its resume.
     """
-    work = Path(final).parent / f".{Path(final).name.removesuffix('.zarr')}.partial"
+    work = work_dir(final)
     marker = work / "fingerprint.json"
     if work.exists() and (not marker.exists()
                           or not fingerprint_diff(json.loads(marker.read_text()), fingerprint)):

@@ -112,8 +112,7 @@ class FeatureSource:
         if self._held is not None and np.array_equal(self._held[0], rows):
             return
         self._held = None
-        row_bytes = sum(a.nbytes for a in self.arrays.values()) / max(self.n_rows, 1)
-        if len(rows) * row_bytes > self.max_memory_gb * 2**30 / 2:
+        if len(rows) * _row_bytes(self.arrays) > self.max_memory_gb * 2**30 / 2:
             return
         parts: dict[str, list[np.ndarray]] = {name: [] for name in self.arrays}
         for start, stop, data in self._read_blocks(rows, None, None):
@@ -187,6 +186,11 @@ class FeatureSource:
                 yield start, stop, self.load(start, stop, names)
 
 
+def _row_bytes(arrays: dict[str, Columns | np.ndarray]) -> float:
+    """Bytes of one ECG's features across ``arrays``, as stored."""
+    return sum(a.nbytes / max(a.shape[0], 1) for a in arrays.values())
+
+
 def load_features(cache_dir: Path, backbones: list[str], cohort_digest: str, n_rows: int,
                   max_memory_gb: float = 4.0, inputs: dict[str, str] | None = None,
                   gate_inputs: list[str] | None = None) -> FeatureSource:
@@ -214,8 +218,7 @@ def load_features(cache_dir: Path, backbones: list[str], cohort_digest: str, n_r
     arrays[GATE] = Columns([stores[name] for name in gate_inputs])
     size_gb = sum(a.nbytes for a in arrays.values()) / 2**30
     shard = arrays[GATE].shard_rows
-    row_bytes = sum(a.nbytes for a in arrays.values()) / max(n_rows, 1)
-    block = shard * max(1, int(STREAM_BLOCK_MB * 2**20 // (shard * row_bytes)))
+    block = shard * max(1, int(STREAM_BLOCK_MB * 2**20 // (shard * _row_bytes(arrays))))
     source = FeatureSource(arrays, fingerprints, in_memory=size_gb <= max_memory_gb,
                            block_rows=block, max_memory_gb=max_memory_gb)
     source.materialise()
