@@ -98,6 +98,7 @@ class FitParams:
     gate_prior: float = 0.0
     gate_lr: float = 1e-2
     gate_loss: str = "expected"
+    combiner: str = "select"
     head_skip: bool = True
     oof_folds: int = 5
     loss: str = "mse"
@@ -116,6 +117,7 @@ class FitParams:
     predictions: str = "predictions"
 
     CHOICES = {"loss": ("mse", "l1"), "gate_loss": ("expected", "mixture"),
+               "combiner": ("select", "gate"),
                "evaluation": ("auto", "split", "cv")}
 
     def __post_init__(self) -> None:

@@ -86,7 +86,7 @@ def test_the_ensemble_learns_and_beats_the_trivial_predictor(fake, task, better)
     gate = metrics["gate_weights"]
     assert gate["strong"]["mean"] > gate["weak"]["mean"]  # the gate prefers the better expert
     expected = {"ensemble", "mean_predictor" if better == "lower" else "majority", "strong",
-                "weak", "uniform", "greedy", "stacking", "weight_generator", "probe_strong",
+                "weak", "gate", "uniform", "greedy", "stacking", "weight_generator", "probe_strong",
                 "probe_weak"} | ({"confidence"} if better == "higher" else set())
     assert set(metrics["methods"]) == expected
     assert metrics["methods"]["ensemble"][name]["ci"][0] <= ensemble

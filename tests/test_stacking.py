@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import stages.fit.crossfit as crossfit
-import stages.fit.run as run
+import stages.fit.select as select
 from pipeline.feature_cache import ArraySpec, CacheBuilder, write_shard
 from pipeline.params import FitParams
 from stages.fit.bootstrap import intervals, metric_value
@@ -89,12 +89,12 @@ def test_an_expert_that_measures_the_target_is_not_drowned_by_noisy_ones(noisy):
     assert ensemble <= min(metrics["methods"][f"noise{k}"]["mae"]["mean"] for k in range(3))
 
 
-def test_the_gate_never_learns_from_rows_its_experts_were_fitted_on(noisy, monkeypatch):
+@pytest.mark.parametrize("combiner", ["select", "gate"])
+def test_no_combiner_learns_from_rows_its_experts_were_fitted_on(noisy, monkeypatch, combiner):
     root, _, _ = noisy
     predicted: list[tuple[set, np.ndarray]] = []
-    gate_rows: list[np.ndarray] = []
-    real_fit, real_predict, real_weighting = (crossfit._fit_head, crossfit.predict,
-                                              run.fit_weighting)
+    learnt: dict[str, list[np.ndarray]] = {}
+    real_fit, real_predict = crossfit._fit_head, crossfit.predict
 
     def spy_fit(name, dim, source, objective, fit_rows, *args, **kw):
         model = real_fit(name, dim, source, objective, fit_rows, *args, **kw)
@@ -105,25 +105,34 @@ def test_the_gate_never_learns_from_rows_its_experts_were_fitted_on(noisy, monke
         predicted.append((model.spy_fitted_on, rows.copy()))
         return real_predict(model, source, rows, batch_size)
 
-    def spy_weighting(gate, inputs, reads, source, outputs, objective, train_rows, *args,
-                      **kw):
-        gate_rows.append(train_rows.copy())
-        return real_weighting(gate, inputs, reads, source, outputs, objective, train_rows,
-                              *args, **kw)
+    def spy_learner(method: str):
+        real = getattr(select.Combiners, method)
+
+        def learn(self, rows, targets):
+            learnt.setdefault(method, []).append(rows.copy())
+            return real(self, rows, targets)
+        return learn
 
     monkeypatch.setattr(crossfit, "_fit_head", spy_fit)
     monkeypatch.setattr(crossfit, "predict", spy_predict)
-    monkeypatch.setattr(run, "fit_weighting", spy_weighting)
-    fit_task("rr", _params(evaluation="split", bootstrap=0), root / "cohort.parquet",
-             root / "cache", baselines=False)
-    gate_train = set(gate_rows[0].tolist())
-    assert gate_train and len(gate_rows) == 1
+    for method in ("_gate", "_stacking", "_greedy", "_median"):
+        monkeypatch.setattr(select.Combiners, method, spy_learner(method))
+    fit_task("rr", _params(evaluation="split", bootstrap=0, combiner=combiner),
+             root / "cohort.parquet", root / "cache", baselines=False)
+    train = set(np.flatnonzero(pq.read_table(root / "cohort.parquet")["split"].to_numpy()
+                               == "train").tolist())
     covered = set()
     for fitted_on, rows in predicted:
         rows = set(rows.tolist())
         assert not rows & fitted_on  # no head ever predicts a row it was fitted on
-        covered |= rows & gate_train
-    assert covered == gate_train  # every row the gate learns from has an out-of-fold output
+        covered |= rows & train
+    assert covered == train  # every training row has an out-of-fold output
+    expected = {"_gate", "_stacking", "_greedy", "_median"} if combiner == "select" \
+        else {"_gate"}
+    assert set(learnt) == expected
+    for calls in learnt.values():  # combiners learn from training rows' OOF outputs only
+        assert all(set(rows.tolist()) <= train for rows in calls)
+    assert set(learnt["_gate"][-1].tolist()) == train  # the gate kept is fitted on them all
 
 
 def test_group_folds_and_cross_validation_keep_subjects_apart():

@@ -147,11 +147,13 @@ class Stacker:
     """A linear meta-model over experts' outputs (scikit-learn style fit/predict).
 
     Regression: ridge on the standardised outputs, penalty by generalised CV. Classification:
-    logistic regression on log-probabilities, C picked by validation loss.
+    logistic regression on log-probabilities, C picked by validation loss. The fitted model
+    is kept as plain arrays (``state``), so a saved ensemble needs no pickled estimator.
     """
 
     def __init__(self, classification: bool, n_classes: int, balanced: bool = False):
         self.classification, self.n_classes, self.balanced = classification, n_classes, balanced
+        self.state: dict[str, list] = {}
 
     @staticmethod
     def _design(outputs: np.ndarray, classification: bool) -> np.ndarray:
@@ -162,17 +164,43 @@ class Stacker:
             y_val: np.ndarray, objective: Objective) -> Stacker:
         x = self._design(outputs, self.classification)
         if not self.classification:
-            self.model = RidgeCV(alphas=ALPHAS).fit(x, y)
+            model = RidgeCV(alphas=ALPHAS).fit(x, y)
+            self.state = {"coef": model.coef_.tolist(), "intercept": [float(model.intercept_)]}
             return self
-        self.model = fit_logistic(x, y, self._design(val_outputs, True), y_val,
-                                  self.n_classes, self.balanced, objective)
+        model = fit_logistic(x, y, self._design(val_outputs, True), y_val, self.n_classes,
+                             self.balanced, objective)
+        self.state = {"classes": model.classes_.tolist()}
+        if isinstance(model, DummyClassifier):
+            self.state["prior"] = model.class_prior_.tolist()
+        else:
+            self.state.update(coef=model.coef_.tolist(), intercept=model.intercept_.tolist())
         return self
 
+    @classmethod
+    def from_state(cls, state: dict, classification: bool, n_classes: int) -> Stacker:
+        stacker = cls(classification, n_classes)
+        stacker.state = state
+        return stacker
+
     def predict(self, outputs: np.ndarray) -> np.ndarray:
-        x = self._design(outputs, self.classification)
+        x = self._design(outputs, self.classification).astype(np.float64)
         if not self.classification:
-            return self.model.predict(x)[:, None].astype(np.float32)
-        return probabilities(self.model, x, self.n_classes)
+            value = x @ np.asarray(self.state["coef"]) + self.state["intercept"][0]
+            return value[:, None].astype(np.float32)
+        seen = np.asarray(self.state["classes"])
+        if "prior" in self.state:
+            p = np.broadcast_to(np.asarray(self.state["prior"]), (len(x), len(seen)))
+        else:
+            logits = x @ np.asarray(self.state["coef"]).T + np.asarray(self.state["intercept"])
+            if len(seen) == 2:  # one column: the log-odds of the second class
+                p1 = 1.0 / (1.0 + np.exp(-logits[:, 0]))
+                p = np.stack([1.0 - p1, p1], axis=1)
+            else:
+                p = np.exp(logits - logits.max(axis=1, keepdims=True))
+                p = p / p.sum(axis=1, keepdims=True)
+        out = np.zeros((len(x), self.n_classes), dtype=np.float32)
+        out[:, seen] = p
+        return out
 
 
 def fit_logistic(x: np.ndarray, y: np.ndarray, x_val: np.ndarray, y_val: np.ndarray,

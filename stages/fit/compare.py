@@ -51,5 +51,6 @@ def _fitted(path: Path, fit: FitParams) -> dict | None:
     metrics = json.loads(path.read_text())
     same = (metrics.get("backbones") == list(fit.backbones)
             and metrics.get("gate_inputs") == list(fit.gate_inputs)
+            and metrics.get("combiner", {}).get("setting") == fit.combiner
             and metrics.get("seeds") == list(range(fit.seeds)))
     return metrics["methods"]["ensemble"] if same and metrics.get("methods") else None

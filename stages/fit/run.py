@@ -3,8 +3,9 @@
 Per seed, from the same cached features and the same subject-level rows:
 * every expert's head is cross-fitted (``stages.fit.crossfit``): out-of-fold outputs on
   the training rows, then refitted on all of them;
-* ``ensemble``: the MoE gate, trained on those out-of-fold outputs (stacked
-  generalisation), mixing the refitted heads;
+* ``ensemble``: the combiner chosen by cross-validated loss on those out-of-fold outputs
+  (``stages.fit.select``: an expert, an average, stacking or the MoE gate; with
+  ``combiner: gate`` always the gate), mixing the refitted heads; ``gate``: the MoE gate;
 * baselines (EnECG's Table 3 and the usual ones): each expert alone (``<backbone>``), its
   linear probe (``probe_<backbone>``), ``uniform`` average, ``greedy`` selection on
   validation, ``confidence`` weighting (classification), the sample-aware
@@ -35,7 +36,6 @@ from pipeline.params import FitParams
 from pipeline.staging import staged_dir, staged_file
 from stages.fit.bootstrap import intervals
 from stages.fit.combine import (
-    Stacker,
     apply_weighting,
     confidence_weights,
     fit_weighting,
@@ -46,6 +46,7 @@ from stages.fit.crossfit import cross_fit, group_folds
 from stages.fit.features import GATE, FeatureSource, load_features
 from stages.fit.model import Ensemble, Gate, ModelConfig
 from stages.fit.probes import linear_probe
+from stages.fit.select import GATE_NAME, Combiners, choose, cross_validated_losses
 from stages.fit.tasks import TASKS, Targets, Task, best_f1_threshold, encode, score
 from stages.fit.train import Objective
 
@@ -136,25 +137,23 @@ class SplitFit:
     model: Ensemble
     scale: dict
     scaling: dict[str, tuple[np.ndarray, np.ndarray]]
+    combiner: dict  # the chosen combiner as plain data (``stages.fit.select.apply_spec``)
+    losses: dict[str, float]  # every candidate's cross-validated loss (combiner: select)
 
 
-def _weighting(inputs: Callable, reads: list[str], d_in: int, stacked: np.ndarray,
-               source: FeatureSource, objective: Objective, rows: dict[str, np.ndarray],
-               d_out: int, config: ModelConfig, params: FitParams, seed: int
-               ) -> tuple[Gate, dict[str, np.ndarray], np.ndarray]:
-    """A softmax weighting network fitted on out-of-fold outputs; its mixtures on val and
-    test and its test weights."""
+def _weight_generator(inputs: Callable, reads: list[str], d_in: int, stacked: np.ndarray,
+                      source: FeatureSource, objective: Objective,
+                      rows: dict[str, np.ndarray], d_out: int, config: ModelConfig,
+                      params: FitParams, seed: int) -> dict[str, np.ndarray]:
+    """EnECG's sample-aware weight generator: the gate's network fed the experts' own
+    features, fitted on out-of-fold outputs; its mixtures on val and test."""
     torch.manual_seed(seed)
-    gate = Gate(d_in, stacked.shape[1], d_out, config)
-    fit_weighting(gate, inputs, reads, source, stacked, objective, rows["train"], rows["val"],
-                  lr=params.gate_lr, weight_decay=params.weight_decay,
-                  batch_size=params.batch_size, max_epochs=params.max_epochs,
-                  patience=params.patience, prior=params.gate_prior, seed=seed,
-                  expected=params.gate_loss == "expected")
-    out = {s: apply_weighting(gate, inputs, reads, source, stacked, rows[s],
-                              objective.classification, params.batch_size)
-           for s in ("val", "test")}
-    return gate, {s: o[0] for s, o in out.items()}, out["test"][1]
+    network = Gate(d_in, stacked.shape[1], d_out, config)
+    fit_weighting(network, inputs, reads, source, stacked, objective, rows["train"],
+                  rows["val"], seed=seed, **_gate_settings(params))
+    return {s: apply_weighting(network, inputs, reads, source, stacked, rows[s],
+                               objective.classification, params.batch_size)[0]
+            for s in ("val", "test")}
 
 
 def _head_key(task: Task, name: str, seed: int, rows: dict[str, np.ndarray],
@@ -194,31 +193,56 @@ def fit_split(task: Task, targets: Targets, source: FeatureSource, rows: dict[st
         fits[b] = fit
     stacked = np.stack([fits[b].outputs for b in names], axis=1)  # (N, E, k)
     raw = {b: {s: stacked[rows[s], i] for s in ("val", "test")} for i, b in enumerate(names)}
-    gate, gate_test = None, np.ones((len(rows["test"]), 1), dtype=np.float32)
-    if len(names) > 1:
-        gate, raw[ENSEMBLE], gate_test = _weighting(
-            lambda data: data[GATE], [GATE], source.dims()[GATE], stacked, source, objective,
-            rows, d_out, config, params, seed * 100 + 50)
+    learners = Combiners(stacked, names, objective, source, rows["val"], config,
+                         _gate_settings(params), seed * 100 + 50, params.batch_size,
+                         task.balance_classes).learners
+    losses: dict[str, float] = {}
+    if len(names) == 1:
+        choice = names[0]
+    elif params.combiner == "select":
+        losses = cross_validated_losses(learners, rows["train"], subjects, objective,
+                                        params.oof_folds, seed * 100 + 70)
+        choice = choose(losses)
     else:
-        raw[ENSEMBLE] = raw[names[0]]
+        choice = GATE_NAME
+    evaluated = [rows["val"], rows["test"]]
+    fitted = {choice: learners[choice](rows["train"], evaluated)}
+    shown = [GATE_NAME] if len(names) > 1 else []  # the gate's weights are always reported
+    if baselines and len(names) > 1:
+        shown.append("stacking")
+    for name in shown:
+        if name not in fitted:
+            fitted[name] = learners[name](rows["train"], evaluated)
+        if baselines and (name != GATE_NAME or params.combiner != GATE_NAME):
+            raw[name] = dict(zip(("val", "test"), fitted[name].outputs, strict=True))
+    raw[ENSEMBLE] = dict(zip(("val", "test"), fitted[choice].outputs, strict=True))
+    gate = fitted[GATE_NAME] if len(names) > 1 else None
+    gate_test = (gate.weights if gate is not None
+                 else np.ones((len(rows["test"]), 1), dtype=np.float32))
     if baselines:
-        raw.update(_baselines(task, targets, source, objective, stacked, rows, names, d_out,
-                              config, params, seed))
+        raw.update(_baselines(task, source, objective, stacked, rows, names, d_out, config,
+                              params, seed))
     y = targets.y
     methods = {name: _Method(task, out["val"], out["test"], y[rows["val"]], y[rows["test"]],
                              scale) for name, out in raw.items()}
     model = Ensemble(dims, source.dims()[GATE], d_out, objective.classification, config)
     for b in names:
         model.heads[b] = fits[b].head
-    model.gate = gate
+    model.gate = gate.gate if gate is not None else None
     return SplitFit(rows, methods, stacked[rows["test"]], gate_test, model.eval(), scale,
-                    dict(source.scaling))
+                    dict(source.scaling), fitted[choice].spec, losses)
 
 
-def _baselines(task: Task, targets: Targets, source: FeatureSource, objective: Objective,
-               stacked: np.ndarray, rows: dict[str, np.ndarray], names: list[str],
-               d_out: int, config: ModelConfig, params: FitParams, seed: int
-               ) -> dict[str, dict[str, np.ndarray]]:
+def _gate_settings(params: FitParams) -> dict:
+    return {"lr": params.gate_lr, "weight_decay": params.weight_decay,
+            "batch_size": params.batch_size, "max_epochs": params.max_epochs,
+            "patience": params.patience, "prior": params.gate_prior,
+            "expected": params.gate_loss == "expected"}
+
+
+def _baselines(task: Task, source: FeatureSource, objective: Objective, stacked: np.ndarray,
+               rows: dict[str, np.ndarray], names: list[str], d_out: int, config: ModelConfig,
+               params: FitParams, seed: int) -> dict[str, dict[str, np.ndarray]]:
     raw: dict[str, dict[str, np.ndarray]] = {}
     y = objective.y
     val, test = stacked[rows["val"]], stacked[rows["test"]]
@@ -234,11 +258,8 @@ def _baselines(task: Task, targets: Targets, source: FeatureSource, objective: O
     if objective.classification:
         raw["confidence"] = {s: np.einsum("ne,nek->nk", confidence_weights(o), o)
                              for s, o in (("val", val), ("test", test))}
-    stacker = Stacker(objective.classification, d_out, task.balance_classes).fit(
-        stacked[rows["train"]], y[rows["train"]], val, y[rows["val"]], objective)
-    raw["stacking"] = {"val": stacker.predict(val), "test": stacker.predict(test)}
     width = sum(source.dims()[b] for b in names)
-    _, raw["weight_generator"], _ = _weighting(
+    raw["weight_generator"] = _weight_generator(
         lambda data: np.concatenate([data[b] for b in names], axis=1), names, width,
         stacked, source, objective, rows, d_out, config, params, seed * 100 + 60)
     return raw
@@ -337,6 +358,8 @@ def fit_task(task_name: str, params: FitParams, cohort_path: Path, cache_dir: Pa
     evaluated = fixed["test"] if mode == "split" else labelled
     per_seed: list[dict[str, _Pooled]] = []
     predictions, models, gate_means = [], {}, []
+    choices: list[str] = []
+    losses: list[dict[str, float]] = []
     final: SplitFit | None = None
     for seed in seeds_list:
         folds = [fixed] if mode == "split" else cv_rows(labelled, subjects,
@@ -351,8 +374,10 @@ def fit_task(task_name: str, params: FitParams, cohort_path: Path, cache_dir: Pa
             fit_split(task, targets, source, fixed, subjects, params, seed, False, memo)
             if not empty else None)
         if final is not None:
-            models[seed] = {"model": final.model,
+            models[seed] = {"model": final.model, "combiner": final.combiner,
                             "threshold": final.methods[ENSEMBLE].threshold}
+        choices.extend(fit.combiner["name"] for fit in fits)
+        losses.extend(fit.losses for fit in fits if fit.losses)
     y = targets.y[evaluated]
     methods = {}
     for name in per_seed[0]:
@@ -383,6 +408,9 @@ def fit_task(task_name: str, params: FitParams, cohort_path: Path, cache_dir: Pa
         "adapter": params.adapter, "head_skip": params.head_skip,
         "oof_folds": params.oof_folds, "gate_prior": params.gate_prior,
         "gate_loss": params.gate_loss,
+        "combiner": {"setting": params.combiner,
+                     "chosen": {c: choices.count(c) for c in dict.fromkeys(choices)},
+                     "cv_loss": _aggregate(losses) if losses else {}},
         "inputs": {b: params.inputs.get(b, "features") for b in names},
         "trainable": final.model.trainable() if final is not None else {},
         "classes": targets.classes if task.kind == "multiclass" else None,
@@ -456,7 +484,7 @@ class FitResult:
         with staged_dir(Path(params.models) / task) as folder:
             for seed, saved in self.models.items():
                 torch.save({"task": task, "classes": self.classes, "target_scale": self.scale,
-                            "threshold": saved["threshold"],
+                            "threshold": saved["threshold"], "combiner": saved["combiner"],
                             "model_config": self.config.describe(),
                             "dims": self.dims, "gate_dim": self.gate_dim,
                             "fingerprints": self.fingerprints,

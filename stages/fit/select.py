@@ -1,0 +1,166 @@
+"""The ensemble's combiner, chosen per task by cross-validated loss (a discrete super learner).
+
+No single way of combining experts won everywhere we measured: the MoE gate on RR, stacking
+on the demo's age and diagnosis, one expert alone where the others only add noise (see the
+README's results). So the default (``fit.combiner: select``) treats each as a candidate:
+every expert alone, the uniform average, greedy selection, stacking, the MoE gate and, for
+regression, the training median. Each is refitted K times on the training rows' out-of-fold
+expert outputs, each time without one subject fold, and scored on that fold with the
+training loss; the candidate with the lowest loss becomes the ensemble, refitted on all
+training rows. The discrete super learner (van der Laan, Polley & Hubbard, 2007) does
+asymptotically as well as its best candidate. The choice uses training rows only, so the
+test rows that score it never influenced it. ``combiner: gate`` always uses the gate, as
+EnECG and ECG-MoE do.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from stages.fit.combine import (
+    Stacker,
+    apply_weighting,
+    fit_weighting,
+    fixed_mixture,
+    greedy_weights,
+    loss_per_row,
+)
+from stages.fit.crossfit import group_folds
+from stages.fit.features import GATE, FeatureSource
+from stages.fit.model import Gate, ModelConfig
+from stages.fit.train import Objective
+
+GATE_NAME, MEDIAN, UNIFORM = "gate", "median", "uniform"
+
+
+@dataclass
+class Fitted:
+    """One combiner fitted on some rows: the plain data a saved model needs to combine its
+    heads' outputs (``spec``), its outputs on the requested rows and, for the gate, the
+    network and its weights on the last row set."""
+
+    spec: dict
+    outputs: list[np.ndarray]
+    gate: Gate | None = None
+    weights: np.ndarray | None = None
+
+
+Learner = Callable[[np.ndarray, Sequence[np.ndarray]], Fitted]
+
+
+@dataclass
+class Combiners:
+    """Every candidate combiner over ``stacked`` (N, E, k): expert outputs indexed by cohort
+    row, out-of-fold on the training rows."""
+
+    stacked: np.ndarray
+    experts: list[str]
+    objective: Objective
+    source: FeatureSource
+    val_rows: np.ndarray
+    config: ModelConfig
+    gate_fit: dict  # fit_weighting's training settings
+    seed: int
+    batch_size: int = 256
+    balanced: bool = False
+    learners: dict[str, Learner] = field(init=False)
+
+    def __post_init__(self) -> None:
+        learners: dict[str, Learner] = {}
+        if not self.objective.classification:
+            learners[MEDIAN] = self._median
+        for i, name in enumerate(self.experts):
+            learners[name] = self._fixed(np.eye(len(self.experts))[i], name)
+        if len(self.experts) > 1:
+            learners[UNIFORM] = self._fixed(np.full(len(self.experts), 1 / len(self.experts)),
+                                            UNIFORM)
+            learners["greedy"] = self._greedy
+            learners["stacking"] = self._stacking
+            learners[GATE_NAME] = self._gate
+        self.learners = learners
+
+    def _fixed(self, weights: np.ndarray, name: str) -> Learner:
+        def learn(_: np.ndarray, targets: Sequence[np.ndarray]) -> Fitted:
+            return Fitted({"name": name, "weights": weights.tolist()},
+                          [fixed_mixture(self.stacked[r], weights) for r in targets])
+        return learn
+
+    def _median(self, rows: np.ndarray, targets: Sequence[np.ndarray]) -> Fitted:
+        y = self.objective.y[rows]
+        value = float(np.median(y) if self.objective.loss == "l1" else y.mean())
+        return Fitted({"name": MEDIAN, "constant": [value]},
+                      [np.full((len(r), 1), value, dtype=np.float32) for r in targets])
+
+    def _greedy(self, rows: np.ndarray, targets: Sequence[np.ndarray]) -> Fitted:
+        weights = greedy_weights(self.stacked[rows], self.objective.y[rows], self.objective)
+        return Fitted({"name": "greedy", "weights": weights.tolist()},
+                      [fixed_mixture(self.stacked[r], weights) for r in targets])
+
+    def _stacking(self, rows: np.ndarray, targets: Sequence[np.ndarray]) -> Fitted:
+        y = self.objective.y
+        stacker = Stacker(self.objective.classification, self.stacked.shape[2],
+                          self.balanced).fit(
+            self.stacked[rows], y[rows], self.stacked[self.val_rows], y[self.val_rows],
+            self.objective)
+        return Fitted({"name": "stacking", "stacker": stacker.state},
+                      [stacker.predict(self.stacked[r]) for r in targets])
+
+    def _gate(self, rows: np.ndarray, targets: Sequence[np.ndarray]) -> Fitted:
+        torch.manual_seed(self.seed)
+        gate = Gate(self.source.dims()[GATE], len(self.experts), self.stacked.shape[2],
+                    self.config)
+        fit_weighting(gate, _gate_input, [GATE], self.source, self.stacked, self.objective,
+                      rows, self.val_rows, seed=self.seed, **self.gate_fit)
+        out = [apply_weighting(gate, _gate_input, [GATE], self.source, self.stacked, r,
+                               self.objective.classification, self.batch_size)
+               for r in targets]
+        return Fitted({"name": GATE_NAME}, [o[0] for o in out], gate, out[-1][1])
+
+
+def _gate_input(data: dict[str, np.ndarray]) -> np.ndarray:
+    return data[GATE]
+
+
+def cross_validated_losses(learners: dict[str, Learner], train_rows: np.ndarray,
+                           subjects: np.ndarray, objective: Objective, folds: int, seed: int
+                           ) -> dict[str, float]:
+    """Each learner's mean training loss on subject folds of ``train_rows`` it was not fitted
+    on (folds with no rows left to fit on are skipped)."""
+    fold_of = group_folds(subjects[train_rows], folds, seed)
+    predicted = {name: [] for name in learners}
+    held_rows = []
+    for fold in range(fold_of.max() + 1):
+        held, fit_rows = train_rows[fold_of == fold], train_rows[fold_of != fold]
+        if len(fit_rows) == 0:
+            continue
+        held_rows.append(held)
+        for name, learn in learners.items():
+            predicted[name].append(learn(fit_rows, [held]).outputs[0])
+    y = objective.y[np.concatenate(held_rows)]
+    return {name: float(loss_per_row(np.concatenate(out), y, objective).mean())
+            for name, out in predicted.items()}
+
+
+def choose(losses: dict[str, float]) -> str:
+    """The lowest loss; on an exact tie the earlier (simpler) candidate."""
+    return min(losses, key=lambda name: (losses[name], list(losses).index(name)))
+
+
+def apply_spec(spec: dict, outputs: np.ndarray, gate_mixture: np.ndarray | None,
+               classification: bool) -> np.ndarray:
+    """A saved combiner applied to heads' outputs (n, E, k) in head space; the gate's own
+    mixture is passed in, since the gate needs its input features."""
+    if spec["name"] == GATE_NAME:
+        if gate_mixture is None:
+            raise ValueError("this ensemble combines with its gate: pass the gate's mixture")
+        return gate_mixture
+    if "weights" in spec:
+        return fixed_mixture(outputs, np.asarray(spec["weights"]))
+    if "constant" in spec:
+        return np.full((len(outputs), 1), spec["constant"][0], dtype=np.float32)
+    return Stacker.from_state(spec["stacker"], classification,
+                              outputs.shape[2]).predict(outputs)
