@@ -108,6 +108,37 @@ def test_age_and_sex_parsing_edge_cases():
     assert header_labels("# Dx: 999999\n")["ad_statement"] == "SNOMED 999999"
 
 
+def test_every_challenge_code_has_a_name():
+    """The 2020/2021 label tables: 30 scored codes (4 pairs scored as one) and 103 unscored
+    ones, e.g. CPSC-2018's PVC (164884008) and ST depression (429622005)."""
+    import csv
+
+    from stages.prepare.sources.challenge import TABLE, snomed_names
+
+    rows = list(csv.DictReader(TABLE.open()))
+    codes = [r["code"] for r in rows]
+    assert len(codes) == len(set(codes)) == 133
+    scored = {r["code"] for r in rows if r["scored"] == "1"}
+    assert len(scored) == 30
+    assert all(r["same_as"] in scored for r in rows if r["same_as"])
+    names, _ = snomed_names()
+    assert names["164884008"] == "Ventricular ectopics"
+    assert names["429622005"] == "ST depression"
+    assert names["251199005"] == "Counterclockwise rotation"  # the table's typo, corrected
+    assert not any(name.startswith("SNOMED") or "  " in name for name in names.values())
+
+
+def test_the_real_sample_has_no_unnamed_code(shared_dir):
+    from stages.prepare.sources.challenge import snomed_names
+
+    names, _ = snomed_names()
+    folder = shared_dir / "data" / "cinc2021-sample"
+    codes = {c.strip() for header in folder.glob("*.hea") for line in
+             header.read_text().splitlines() if line.startswith("# Dx:")
+             for c in line.split(":", 1)[1].split(",")}
+    assert codes and codes <= set(names)
+
+
 # --- PTB-XL -----------------------------------------------------------------------------------
 
 def _ptbxl(root, n=12):

@@ -3,11 +3,12 @@
 * ``age`` from ``# Age:``; ``NaN``/``Unknown`` are missing; an open bound such as ``>89``
   becomes its next year (90), since the archives censor ages above 89.
 * ``sex`` from ``# Sex:`` (Male/Female/M/F); anything else is missing.
-* ``ad``: the header's ``# Dx:`` SNOMED CT codes, named through ``snomed_ct.csv`` (the
-  challenges' 30 scored classes, equivalent codes merged as the challenge scores them, plus
-  the common unscored ones). The record's statement is its first *scored* code in header
-  order, else its first code; unknown codes are kept as ``SNOMED <code>``. All codes are
-  kept in the cohort (``dx_codes``).
+* ``ad``: the header's ``# Dx:`` SNOMED CT codes, named through ``snomed_ct.csv``: every
+  code of the 2020 and 2021 challenges' label tables, the 30 scored ones (equivalent codes
+  merged as the challenge scores them) and the 103 unscored ones, names as the tables give
+  them with capitalisation and one typo fixed. The record's statement is its first *scored*
+  code in header order, else its first code; a code outside the tables is kept as
+  ``SNOMED <code>``. All codes are kept in the cohort (``dx_codes``).
 * ``rr`` is derived from R-peaks (no machine measurement); ``ka`` is not available.
 * Records have no patient id, so each record is its own subject.
 * Records longer than 10 s keep their first 10 s (see conform); shorter ones are skipped.
