@@ -99,6 +99,7 @@ class FitParams:
     gate_lr: float = 1e-2
     gate_loss: str = "expected"
     combiner: str = "select"
+    combiner_se: float = 1.0
     head_skip: bool = True
     oof_folds: int = 5
     loss: str = "mse"
@@ -125,6 +126,8 @@ class FitParams:
             if getattr(self, key) not in allowed:
                 raise ParamsError(f"fit.{key} must be one of {', '.join(allowed)}, got "
                                   f"{getattr(self, key)!r}")
+        if self.combiner_se < 0:
+            raise ParamsError(f"fit.combiner_se must be at least 0, got {self.combiner_se}")
         for key in ("oof_folds", "cv_folds"):  # one fold would hold out nothing
             if getattr(self, key) < 2:
                 raise ParamsError(f"fit.{key} must be at least 2, got {getattr(self, key)}")

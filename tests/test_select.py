@@ -37,8 +37,9 @@ def _choice(outputs: np.ndarray, y: np.ndarray, seed: int = 0) -> tuple[str, dic
     learners = Combiners(stacked, names, objective, source, val, ModelConfig(gate_hidden=8),
                          GATE_FIT, seed, 64).learners
     subjects = np.array([f"s{i // 2}" for i in range(len(y))])
-    losses = cross_validated_losses(learners, train, subjects, objective, 3, seed)
-    return choose(losses), losses
+    per_row, scored = cross_validated_losses(learners, train, subjects, objective, 3, seed)
+    return (choose(per_row, subjects[scored], "gate", 1.0),
+            {name: float(loss.mean()) for name, loss in per_row.items()})
 
 
 def test_an_exact_expert_is_chosen_over_every_blend():
@@ -73,6 +74,21 @@ def test_the_choice_is_a_pure_function_of_the_rows_and_seed():
     y = rng.normal(size=N)
     outputs = np.stack([y + rng.normal(0, s, N) for s in (0.3, 0.6, 1.0)], axis=1)
     assert _choice(outputs, y, seed=4) == _choice(outputs, y, seed=4)
+
+
+def test_the_gate_is_replaced_only_when_the_evidence_is_clear():
+    rng = np.random.default_rng(5)
+    subjects = np.repeat(np.arange(100), 2)
+    gate = rng.exponential(1.0, 200)
+    lucky = gate + rng.normal(-0.05, 1.0, 200)  # lower mean loss, well within its noise
+    clear = gate - 0.5 + rng.normal(0, 0.1, 200)
+    assert choose({"gate": gate, "lucky": lucky}, subjects, "gate", 1.0) == "gate"
+    assert choose({"gate": gate, "lucky": lucky}, subjects, "gate", 0.0) == "lucky"
+    assert choose({"gate": gate, "lucky": lucky, "clear": clear}, subjects, "gate",
+                  1.0) == "clear"
+    # the paired error is per subject: one subject's 200 ECGs are one piece of evidence
+    one_subject = np.zeros(200, dtype=int)
+    assert choose({"gate": gate, "clear": clear}, one_subject, "gate", 1.0) == "gate"
 
 
 @pytest.mark.parametrize("n_classes", [1, 2, 4])

@@ -200,9 +200,10 @@ def fit_split(task: Task, targets: Targets, source: FeatureSource, rows: dict[st
     if len(names) == 1:
         choice = names[0]
     elif params.combiner == "select":
-        losses = cross_validated_losses(learners, rows["train"], subjects, objective,
-                                        params.oof_folds, seed * 100 + 70)
-        choice = choose(losses)
+        per_row, scored = cross_validated_losses(learners, rows["train"], subjects,
+                                                 objective, params.oof_folds, seed * 100 + 70)
+        choice = choose(per_row, subjects[scored], GATE_NAME, params.combiner_se)
+        losses = {name: float(loss.mean()) for name, loss in per_row.items()}
     else:
         choice = GATE_NAME
     evaluated = [rows["val"], rows["test"]]
