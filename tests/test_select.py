@@ -7,6 +7,7 @@ import pandas as pd
 import pytest
 from sklearn.linear_model import LogisticRegression, RidgeCV
 
+import stages.fit.run as run
 from stages.fit.combine import Stacker
 from stages.fit.features import FeatureSource, load_features
 from stages.fit.model import ModelConfig
@@ -119,14 +120,18 @@ def test_a_stacker_predicts_from_its_plain_state_as_scikit_learn_does(n_classes)
     assert (saved.predict(outputs).argmax(1) == y).mean() > 0.8
 
 
-def test_a_saved_ensemble_reproduces_its_test_predictions(fake, tmp_path):  # noqa: F811
+@pytest.mark.parametrize("chosen", ["gate", "probe_strong", "stacking", "greedy"])
+def test_a_saved_ensemble_reproduces_its_test_predictions(fake, tmp_path, monkeypatch,  # noqa: F811
+                                                          chosen):
     root, _ = fake
-    params = fit_params(seeds=1, bootstrap=0, metrics=str(tmp_path / "m"),
+    monkeypatch.setattr(run, "choose", lambda *args: chosen)
+    params = fit_params(seeds=1, bootstrap=0, max_epochs=10, metrics=str(tmp_path / "m"),
                         predictions=str(tmp_path / "p"), models=str(tmp_path / "models"))
     result = fit_task("age", params, root / "cohort.parquet", root / "cache")
     result.write(params)
     model, saved = load_model(tmp_path / "models" / "age" / "seed0.pt", result.fingerprints)
-    assert saved["combiner"]["name"] in {*result.metrics["combiner"]["chosen"]}
+    assert saved["combiner"]["name"] == chosen
+    assert result.metrics["combiner"]["chosen"] == {chosen: 1}
     cohort = pd.read_parquet(root / "cohort.parquet")
     source = load_features(root / "cache", params.backbones, cohort_digest(
         root / "cohort.parquet"), len(cohort), params.max_memory_gb, params.inputs,
@@ -135,7 +140,8 @@ def test_a_saved_ensemble_reproduces_its_test_predictions(fake, tmp_path):  # no
                       for k, v in saved["feature_scaling"].items()}
     test = np.flatnonzero(cohort["split"].to_numpy() == "test")
     mixture, outputs, _ = predict(model, source, test, 64)
-    values = apply_spec(saved["combiner"], outputs, mixture, False)[:, 0]
+    features = source.take(test, params.backbones)
+    values = apply_spec(saved["combiner"], outputs, mixture, False, features)[:, 0]
     values = values * saved["target_scale"]["std"] + saved["target_scale"]["mean"]
     written = pd.read_parquet(tmp_path / "p" / "age.parquet").set_index("record_id")
     np.testing.assert_allclose(values, written.loc[cohort["record_id"].to_numpy()[test],

@@ -22,7 +22,7 @@ from stages.fit.combine import (
     fixed_mixture,
     greedy_weights,
 )
-from stages.fit.crossfit import group_folds
+from stages.fit.crossfit import cross_fit_probe, group_folds
 from stages.fit.features import GATE, FeatureSource
 from stages.fit.model import Gate, ModelConfig
 from stages.fit.probes import linear_probe
@@ -211,8 +211,14 @@ def test_linear_probe_reads_a_linear_feature():
     source = _source({"x": x, GATE: rng.normal(size=(300, 2))})
     rows = {"train": np.arange(200), "val": np.arange(200, 250), "test": np.arange(250, 300)}
     source.fit_scaling(rows["train"])
-    out = linear_probe("x", source, _objective(y), rows, 1, False)
+    _, out = linear_probe("x", source, _objective(y), rows, 1, False)
     np.testing.assert_allclose(out["test"][:, 0], y[250:], atol=0.02)
+    subjects = np.array([f"s{i // 3}" for i in range(300)])
+    crossed = cross_fit_probe("x", source, _objective(y), rows, subjects, 1, False, 4, 0)
+    np.testing.assert_allclose(crossed.outputs[250:], out["test"])  # refitted on all train
+    np.testing.assert_allclose(crossed.outputs[:200, 0], y[:200], atol=0.02)  # out of fold
+    assert not np.allclose(crossed.outputs[:200], crossed.linear.predict(
+        source.take(rows["train"], ["x"])["x"]))  # ... which is not the refit's output
 
 
 def test_a_gate_routes_each_sample_to_the_expert_its_input_says_is_right():

@@ -143,47 +143,32 @@ def greedy_weights(outputs: np.ndarray, y: np.ndarray, objective: Objective,
     return counts / counts.sum()
 
 
-class Stacker:
-    """A linear meta-model over experts' outputs (scikit-learn style fit/predict).
+class Linear:
+    """A fitted linear model kept as plain arrays (``state``), so a saved ensemble needs no
+    pickled estimator: ridge (regression) or logistic regression (classification)."""
 
-    Regression: ridge on the standardised outputs, penalty by generalised CV. Classification:
-    logistic regression on log-probabilities, C picked by validation loss. The fitted model
-    is kept as plain arrays (``state``), so a saved ensemble needs no pickled estimator.
-    """
-
-    def __init__(self, classification: bool, n_classes: int, balanced: bool = False):
-        self.classification, self.n_classes, self.balanced = classification, n_classes, balanced
-        self.state: dict[str, list] = {}
-
-    @staticmethod
-    def _design(outputs: np.ndarray, classification: bool) -> np.ndarray:
-        x = np.log(np.clip(outputs, 1e-6, None)) if classification else outputs
-        return x.reshape(len(x), -1)
-
-    def fit(self, outputs: np.ndarray, y: np.ndarray, val_outputs: np.ndarray,
-            y_val: np.ndarray, objective: Objective) -> Stacker:
-        x = self._design(outputs, self.classification)
-        if not self.classification:
-            model = RidgeCV(alphas=ALPHAS).fit(x, y)
-            self.state = {"coef": model.coef_.tolist(), "intercept": [float(model.intercept_)]}
-            return self
-        model = fit_logistic(x, y, self._design(val_outputs, True), y_val, self.n_classes,
-                             self.balanced, objective)
-        self.state = {"classes": model.classes_.tolist()}
-        if isinstance(model, DummyClassifier):
-            self.state["prior"] = model.class_prior_.tolist()
-        else:
-            self.state.update(coef=model.coef_.tolist(), intercept=model.intercept_.tolist())
-        return self
+    def __init__(self, state: dict[str, list], classification: bool, n_classes: int):
+        self.state, self.classification, self.n_classes = state, classification, n_classes
 
     @classmethod
-    def from_state(cls, state: dict, classification: bool, n_classes: int) -> Stacker:
-        stacker = cls(classification, n_classes)
-        stacker.state = state
-        return stacker
+    def fit(cls, x: np.ndarray, y: np.ndarray, x_val: np.ndarray, y_val: np.ndarray,
+            objective: Objective, n_classes: int, balanced: bool) -> Linear:
+        """Ridge with its penalty by generalised CV, or logistic with C by validation loss."""
+        if not objective.classification:
+            model = RidgeCV(alphas=ALPHAS).fit(x, y)
+            return cls({"coef": model.coef_.tolist(), "intercept": [float(model.intercept_)]},
+                       False, 1)
+        model = fit_logistic(x, y, x_val, y_val, n_classes, balanced, objective)
+        state: dict[str, list] = {"classes": model.classes_.tolist()}
+        if isinstance(model, DummyClassifier):
+            state["prior"] = model.class_prior_.tolist()
+        else:
+            state.update(coef=model.coef_.tolist(), intercept=model.intercept_.tolist())
+        return cls(state, True, n_classes)
 
-    def predict(self, outputs: np.ndarray) -> np.ndarray:
-        x = self._design(outputs, self.classification).astype(np.float64)
+    def predict(self, x: np.ndarray) -> np.ndarray:
+        """Values (n, 1), or probabilities over all ``n_classes`` (absent classes get 0)."""
+        x = x.astype(np.float64)
         if not self.classification:
             value = x @ np.asarray(self.state["coef"]) + self.state["intercept"][0]
             return value[:, None].astype(np.float32)
@@ -203,8 +188,40 @@ class Stacker:
         return out
 
 
+class Stacker:
+    """A linear meta-model over experts' outputs (scikit-learn style fit/predict): ridge on
+    the standardised outputs, or logistic regression on log-probabilities."""
+
+    def __init__(self, classification: bool, n_classes: int, balanced: bool = False):
+        self.classification, self.n_classes, self.balanced = classification, n_classes, balanced
+        self.state: dict[str, list] = {}
+
+    @staticmethod
+    def _design(outputs: np.ndarray, classification: bool) -> np.ndarray:
+        x = np.log(np.clip(outputs, 1e-6, None)) if classification else outputs
+        return x.reshape(len(x), -1)
+
+    def fit(self, outputs: np.ndarray, y: np.ndarray, val_outputs: np.ndarray,
+            y_val: np.ndarray, objective: Objective) -> Stacker:
+        self.state = Linear.fit(self._design(outputs, self.classification), y,
+                                self._design(val_outputs, self.classification), y_val,
+                                objective, self.n_classes, self.balanced).state
+        return self
+
+    @classmethod
+    def from_state(cls, state: dict, classification: bool, n_classes: int) -> Stacker:
+        stacker = cls(classification, n_classes)
+        stacker.state = state
+        return stacker
+
+    def predict(self, outputs: np.ndarray) -> np.ndarray:
+        return Linear(self.state, self.classification, self.n_classes).predict(
+            self._design(outputs, self.classification))
+
+
 def fit_logistic(x: np.ndarray, y: np.ndarray, x_val: np.ndarray, y_val: np.ndarray,
-                 n_classes: int, balanced: bool, objective: Objective) -> LogisticRegression:
+                 n_classes: int, balanced: bool, objective: Objective
+                 ) -> LogisticRegression | DummyClassifier:
     """Logistic regression with the C (from ``CS``) of lowest validation loss."""
     if len(np.unique(y)) < 2:  # one class in training: predict its prior
         return DummyClassifier(strategy="prior").fit(x, y)
@@ -218,7 +235,8 @@ def fit_logistic(x: np.ndarray, y: np.ndarray, x_val: np.ndarray, y_val: np.ndar
     return chosen
 
 
-def probabilities(model: LogisticRegression, x: np.ndarray, n_classes: int) -> np.ndarray:
+def probabilities(model: LogisticRegression | DummyClassifier, x: np.ndarray, n_classes: int
+                  ) -> np.ndarray:
     """predict_proba spread over all ``n_classes`` (classes absent from training get 0)."""
     out = np.zeros((len(x), n_classes), dtype=np.float32)
     out[:, model.classes_] = model.predict_proba(x)

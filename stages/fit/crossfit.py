@@ -17,9 +17,10 @@ import numpy as np
 import torch
 
 from pipeline.params import FitParams
+from stages.fit.combine import Linear
 from stages.fit.features import FeatureSource
 from stages.fit.model import Ensemble, ModelConfig
-from stages.fit.probes import warm_start
+from stages.fit.probes import linear_probe, warm_start
 from stages.fit.train import Objective, predict, train
 
 
@@ -82,3 +83,35 @@ def cross_fit(name: str, dim: int, source: FeatureSource, objective: Objective,
     others = np.concatenate([r for s, r in rows.items() if s != "train"])
     outputs[others] = predict(model, source, others, params.batch_size)[1][:, 0]
     return ExpertFit(outputs, model.heads[name])
+
+
+@dataclass
+class ProbeFit:
+    """A linear probe's outputs indexed by cohort row, out-of-fold on the training rows as
+    for the heads, and the probe fitted on all of them."""
+
+    outputs: np.ndarray
+    linear: Linear
+
+
+def cross_fit_probe(name: str, source: FeatureSource, objective: Objective,
+                    rows: dict[str, np.ndarray], subjects: np.ndarray, n_classes: int,
+                    balanced: bool, folds: int, seed: int) -> ProbeFit:
+    """The linear probe cross-fitted like a head, so a combiner may choose it."""
+    train_rows = rows["train"]
+    outputs = np.zeros((source.n_rows, n_classes), dtype=np.float32)
+    fold_of = group_folds(subjects[train_rows], folds, seed)
+    for fold in range(fold_of.max() + 1):
+        held, fit_rows = train_rows[fold_of == fold], train_rows[fold_of != fold]
+        if len(fit_rows) == 0:
+            continue
+        _, out = linear_probe(name, source, objective, {**rows, "train": fit_rows,
+                                                        "held": held}, n_classes, balanced,
+                              ("held",))
+        outputs[held] = out["held"]
+    others = [s for s in rows if s != "train"]
+    linear, out = linear_probe(name, source, objective, rows, n_classes, balanced,
+                               tuple(others))
+    for split in others:
+        outputs[rows[split]] = out[split]
+    return ProbeFit(outputs, linear)

@@ -16,26 +16,22 @@ import torch
 from sklearn.linear_model import QuantileRegressor, RidgeCV
 from sklearn.model_selection import GroupKFold, KFold
 
-from stages.fit.combine import ALPHAS, fit_logistic, probabilities
+from stages.fit.combine import ALPHAS, Linear
 from stages.fit.features import FeatureSource
 from stages.fit.train import Objective
 
 
 def linear_probe(name: str, source: FeatureSource, objective: Objective,
-                 rows: dict[str, np.ndarray], n_classes: int, balanced: bool
-                 ) -> dict[str, np.ndarray]:
-    """Outputs in head space on the val and test rows: standardised values (n, 1) or class
+                 rows: dict[str, np.ndarray], n_classes: int, balanced: bool,
+                 evaluated: tuple[str, ...] = ("val", "test")) -> tuple[Linear, dict]:
+    """The probe fitted on ``rows['train']`` (C chosen on ``rows['val']``) and its outputs
+    in head space on the ``evaluated`` row sets: standardised values (n, 1) or class
     probabilities (n, C)."""
-    def x(split: str) -> np.ndarray:
-        return source.take(rows[split], [name])[name]
-
+    x = {s: source.take(rows[s], [name])[name] for s in {"train", "val", *evaluated}}
     y = objective.y
-    if not objective.classification:
-        model = RidgeCV(alphas=ALPHAS).fit(x("train"), y[rows["train"]])
-        return {s: model.predict(x(s))[:, None].astype(np.float32) for s in ("val", "test")}
-    model = fit_logistic(x("train"), y[rows["train"]], x("val"), y[rows["val"]], n_classes,
-                         balanced, objective)
-    return {s: probabilities(model, x(s), n_classes) for s in ("val", "test")}
+    linear = Linear.fit(x["train"], y[rows["train"]], x["val"], y[rows["val"]], objective,
+                        n_classes, balanced)
+    return linear, {s: linear.predict(x[s]) for s in evaluated}
 
 
 # L1 penalties of the sparse median fit, for standardised features and target: on the 200-ECG

@@ -42,11 +42,11 @@ from stages.fit.combine import (
     fixed_mixture,
     greedy_weights,
 )
-from stages.fit.crossfit import cross_fit, group_folds
+from stages.fit.crossfit import cross_fit, cross_fit_probe, group_folds
 from stages.fit.features import GATE, FeatureSource, load_features
 from stages.fit.model import Ensemble, Gate, ModelConfig
 from stages.fit.probes import linear_probe
-from stages.fit.select import GATE_NAME, Combiners, choose, cross_validated_losses
+from stages.fit.select import GATE_NAME, PROBE, Combiners, choose, cross_validated_losses
 from stages.fit.tasks import TASKS, Targets, Task, best_f1_threshold, encode, score
 from stages.fit.train import Objective
 
@@ -193,9 +193,14 @@ def fit_split(task: Task, targets: Targets, source: FeatureSource, rows: dict[st
         fits[b] = fit
     stacked = np.stack([fits[b].outputs for b in names], axis=1)  # (N, E, k)
     raw = {b: {s: stacked[rows[s], i] for s in ("val", "test")} for i, b in enumerate(names)}
+    probes = {}
+    if source.in_memory and len(names) > 1 and params.combiner == "select":
+        probes = {b: cross_fit_probe(b, source, objective, rows, subjects, d_out,
+                                     task.balance_classes, params.oof_folds, seed * 100 + k)
+                  for k, b in enumerate(names)}
     learners = Combiners(stacked, names, objective, source, rows["val"], config,
                          _gate_settings(params), seed * 100 + 50, params.batch_size,
-                         task.balance_classes).learners
+                         task.balance_classes, probes).learners
     losses: dict[str, float] = {}
     if len(names) == 1:
         choice = names[0]
@@ -223,6 +228,8 @@ def fit_split(task: Task, targets: Targets, source: FeatureSource, rows: dict[st
     if baselines:
         raw.update(_baselines(task, source, objective, stacked, rows, names, d_out, config,
                               params, seed))
+        raw.update({PROBE + b: {s: probe.outputs[rows[s]] for s in ("val", "test")}
+                    for b, probe in probes.items()})
     y = targets.y
     methods = {name: _Method(task, out["val"], out["test"], y[rows["val"]], y[rows["test"]],
                              scale) for name, out in raw.items()}
@@ -247,10 +254,10 @@ def _baselines(task: Task, source: FeatureSource, objective: Objective, stacked:
     raw: dict[str, dict[str, np.ndarray]] = {}
     y = objective.y
     val, test = stacked[rows["val"]], stacked[rows["test"]]
-    if source.in_memory:
-        for b in names:
-            raw[f"probe_{b}"] = linear_probe(b, source, objective, rows, d_out,
-                                             task.balance_classes)
+    if source.in_memory and (len(names) == 1 or params.combiner != "select"):
+        for b in names:  # (else cross-fitted as candidates of the combiner)
+            raw[PROBE + b] = linear_probe(b, source, objective, rows, d_out,
+                                          task.balance_classes)[1]
     if len(names) == 1:
         return raw
     raw[UNIFORM] = {"val": val.mean(axis=1), "test": test.mean(axis=1)}

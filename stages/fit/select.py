@@ -3,8 +3,9 @@
 No single way of combining experts won everywhere we measured: the MoE gate on RR, stacking
 on the demo's age and diagnosis, one expert alone where the others only add noise (see the
 README's results). So the default (``fit.combiner: select``) treats each as a candidate:
-every expert alone, the uniform average, greedy selection, stacking, the MoE gate and, for
-regression, the training median. Each is refitted K times on the training rows' out-of-fold
+every expert's head alone, its linear probe (cross-fitted like the heads, when the
+features fit in memory), the uniform average, greedy selection, stacking, the MoE gate and,
+for regression, the training median. Each is refitted K times on the training rows' out-of-fold
 expert outputs, each time without one subject fold, and scored on that fold with the
 training loss; the candidate with the lowest loss becomes the ensemble, refitted on all
 training rows. The discrete super learner (van der Laan, Polley & Hubbard, 2007) does
@@ -22,6 +23,7 @@ import numpy as np
 import torch
 
 from stages.fit.combine import (
+    Linear,
     Stacker,
     apply_weighting,
     fit_weighting,
@@ -29,12 +31,12 @@ from stages.fit.combine import (
     greedy_weights,
     loss_per_row,
 )
-from stages.fit.crossfit import group_folds
+from stages.fit.crossfit import ProbeFit, group_folds
 from stages.fit.features import GATE, FeatureSource
 from stages.fit.model import Gate, ModelConfig
 from stages.fit.train import Objective
 
-GATE_NAME, MEDIAN, UNIFORM = "gate", "median", "uniform"
+GATE_NAME, MEDIAN, UNIFORM, PROBE = "gate", "median", "uniform", "probe_"
 
 
 @dataclass
@@ -67,6 +69,7 @@ class Combiners:
     seed: int
     batch_size: int = 256
     balanced: bool = False
+    probes: dict[str, ProbeFit] = field(default_factory=dict)  # cross-fitted, by expert
     learners: dict[str, Learner] = field(init=False)
 
     def __post_init__(self) -> None:
@@ -75,6 +78,8 @@ class Combiners:
             learners[MEDIAN] = self._median
         for i, name in enumerate(self.experts):
             learners[name] = self._fixed(np.eye(len(self.experts))[i], name)
+        for name, probe in self.probes.items():
+            learners[PROBE + name] = self._probe(name, probe)
         if len(self.experts) > 1:
             learners[UNIFORM] = self._fixed(np.full(len(self.experts), 1 / len(self.experts)),
                                             UNIFORM)
@@ -87,6 +92,14 @@ class Combiners:
         def learn(_: np.ndarray, targets: Sequence[np.ndarray]) -> Fitted:
             return Fitted({"name": name, "weights": weights.tolist()},
                           [fixed_mixture(self.stacked[r], weights) for r in targets])
+        return learn
+
+    @staticmethod
+    def _probe(expert: str, probe: ProbeFit) -> Learner:
+        def learn(_: np.ndarray, targets: Sequence[np.ndarray]) -> Fitted:
+            return Fitted({"name": PROBE + expert, "expert": expert,
+                           "linear": probe.linear.state},
+                          [probe.outputs[r] for r in targets])
         return learn
 
     def _median(self, rows: np.ndarray, targets: Sequence[np.ndarray]) -> Fitted:
@@ -171,9 +184,11 @@ def choose(losses: dict[str, np.ndarray], subjects: np.ndarray, default: str,
 
 
 def apply_spec(spec: dict, outputs: np.ndarray, gate_mixture: np.ndarray | None,
-               classification: bool) -> np.ndarray:
-    """A saved combiner applied to heads' outputs (n, E, k) in head space; the gate's own
-    mixture is passed in, since the gate needs its input features."""
+               classification: bool, features: dict[str, np.ndarray] | None = None
+               ) -> np.ndarray:
+    """A saved combiner applied to heads' outputs (n, E, k) in head space. The gate's own
+    mixture is passed in, since the gate needs its input features; a chosen linear probe
+    reads its expert's standardised ``features``."""
     if spec["name"] == GATE_NAME:
         if gate_mixture is None:
             raise ValueError("this ensemble combines with its gate: pass the gate's mixture")
@@ -182,5 +197,11 @@ def apply_spec(spec: dict, outputs: np.ndarray, gate_mixture: np.ndarray | None,
         return fixed_mixture(outputs, np.asarray(spec["weights"]))
     if "constant" in spec:
         return np.full((len(outputs), 1), spec["constant"][0], dtype=np.float32)
+    if "linear" in spec:
+        if features is None or spec["expert"] not in features:
+            raise ValueError(f"this ensemble is {spec['name']}: pass {spec['expert']}'s "
+                             "standardised features")
+        return Linear(spec["linear"], classification, outputs.shape[2]).predict(
+            features[spec["expert"]])
     return Stacker.from_state(spec["stacker"], classification,
                               outputs.shape[2]).predict(outputs)
