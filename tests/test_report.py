@@ -287,3 +287,13 @@ def test_intervals_differences_and_cross_validation_are_reported(tmp_path):
     assert "rr 5-fold subject CV over 197 ECGs" in text
     assert "age the test split (20 ECGs)" in text
     assert "| Δ mae vs ensemble | — | — | — | +0.877 [+0.2, +1.5] |" in text
+
+
+def test_the_chosen_combiner_is_named_per_task(tmp_path):
+    metrics_dir, predictions_dir = _write_inputs(tmp_path, random=False)
+    rr = json.loads((metrics_dir / "rr.json").read_text())
+    rr["combiner"] = {"setting": "select", "chosen": {"gate": 2, "rhythm": 13}, "cv_loss": {}}
+    (metrics_dir / "rr.json").write_text(json.dumps(rr))
+    text = write_report(metrics_dir, predictions_dir, tmp_path / "out").read_text()
+    assert "chosen afresh in every fit: rhythm in 13 of 15, gate in 2 of 15." in text
+    assert text.count("chosen afresh in every fit") == 1  # the other tasks carry no choice

@@ -297,8 +297,21 @@ def _task_section(task: str, metrics: dict) -> list[str]:
     return ["", f"## {task}: every metric", "",
             f"{metrics.get('kind', 'unknown kind')}; headline metric `{metrics['metric']}`; "
             "best method per metric in bold; the last row is each method's paired difference "
-            "to the ensemble, with its 95 % interval.", "",
+            "to the ensemble, with its 95 % interval.", *_combiner_line(metrics), "",
             *_table(["metric", *columns], rows)]
+
+
+def _combiner_line(metrics: dict) -> list[str]:
+    """Which combiner the ensemble was, when it was chosen by cross-validated loss."""
+    combiner = metrics.get("combiner") or {}
+    chosen = combiner.get("chosen") or {}
+    if combiner.get("setting") != "select" or not chosen:
+        return []
+    total = sum(chosen.values())
+    parts = ", ".join(f"{name} in {count} of {total}"
+                      for name, count in sorted(chosen.items(), key=lambda kv: -kv[1]))
+    return [f"The ensemble is the combiner of lowest cross-validated training loss, chosen "
+            f"afresh in every fit: {parts}."]
 
 
 def _gate_section(fitted: dict[str, dict]) -> list[str]:
@@ -309,7 +322,8 @@ def _gate_section(fitted: dict[str, dict]) -> list[str]:
     rows = [[task, *(format_cell("gate", w[b]) if b in w else "—" for b in backbones)]
             for task, w in gated.items()]
     return ["", "## Mean gate weight per backbone", "",
-            "Share of the ensemble the gate gives each backbone on the test split.", "",
+            "Share the MoE gate gives each backbone on the evaluated ECGs (the gate is "
+            "fitted whether or not it is the chosen combiner).", "",
             *_table(["task", *backbones], rows)]
 
 
