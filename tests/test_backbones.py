@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
-from stages.extract.backbones import create_backbone
+from stages.extract.backbones import WeightsError, create_backbone
 
 
 def _numpy_dlinear(x: np.ndarray, state: dict, kernel: int) -> np.ndarray:
@@ -78,3 +82,110 @@ def test_moment_contract_and_features(tmp_path):
     assert out["per_lead"].shape == (2, 12, 32)
     torch.testing.assert_close(out["features"], out["per_lead"].mean(1))
     torch.testing.assert_close(out["features"], shifted["features"], rtol=1e-3, atol=1e-3)
+
+
+# --- Time-MoE ---------------------------------------------------------------------------------
+
+def _published_timemoe_keys(layers: int, experts: int, horizons: int) -> set[str]:
+    """The key names of the Maple728/TimeMoE-* checkpoints (biases on q/k/v only)."""
+    keys = {"model.embed_layer.emb_layer.weight", "model.embed_layer.gate_layer.weight",
+            "model.norm.weight", *(f"lm_heads.{j}.out_layer.weight" for j in range(horizons))}
+    for n in range(layers):
+        p = f"model.layers.{n}."
+        keys |= {p + "input_layernorm.weight", p + "post_attention_layernorm.weight",
+                 p + "self_attn.o_proj.weight", p + "ffn_layer.gate.weight",
+                 p + "ffn_layer.shared_expert_gate.weight"}
+        keys |= {p + f"self_attn.{x}_proj.{w}" for x in "qkv" for w in ("weight", "bias")}
+        keys |= {p + f"ffn_layer.{e}.{m}_proj.weight"
+                 for e in ["shared_expert", *(f"experts.{i}" for i in range(experts))]
+                 for m in ("gate", "up", "down")}
+    return keys
+
+
+def test_timemoe_writes_and_reads_the_published_checkpoint_layout(tmp_path):
+    backbone = create_backbone("timemoe", per_lead=True)
+    assert backbone.contract.length == 512 and backbone.contract.normalise == "zscore"
+    folder = Path(backbone.prepare_weights("random", 0, tmp_path))
+    config = json.loads((folder / "config.json").read_text())
+    assert config["model_type"] == "time_moe" and config["num_experts_per_tok"] == 2
+    state = load_file(str(folder / "model.safetensors"))
+    assert set(state) == _published_timemoe_keys(2, 4, 2)
+    assert state["model.layers.0.ffn_layer.experts.0.up_proj.weight"].shape == (32, 32)
+    assert state["model.layers.0.ffn_layer.shared_expert.up_proj.weight"].shape == (64, 32)
+    assert state["lm_heads.1.out_layer.weight"].shape == (8, 32)
+    # published weights are bfloat16, and the config carries keys the model does not use
+    (folder / "model.safetensors").unlink()
+    save_file({k: v.to(torch.bfloat16) for k, v in state.items()},
+              str(folder / "model.safetensors"))
+    fresh = create_backbone("timemoe", per_lead=True)
+    fresh.setup(str(folder), torch.device("cpu"))
+    x = torch.randn(3, 12, 512)
+    with torch.inference_mode():
+        out = fresh.features(x)
+        alone = fresh.features(x[:1])
+    assert out["features"].shape == (3, 32) and out["per_lead"].shape == (3, 12, 32)
+    torch.testing.assert_close(out["features"], out["per_lead"].mean(1))
+    torch.testing.assert_close(out["features"][:1], alone["features"], rtol=1e-4, atol=1e-5)
+
+
+def test_timemoe_is_causal_and_its_rotary_positions_are_relative():
+    from stages.extract.backbones.timemoe import TimeMoE, _rotate_half
+
+    torch.manual_seed(0)
+    backbone = create_backbone("timemoe")
+    model = backbone.build_random(0).eval()
+    x = torch.randn(2, 64)
+    changed = x.clone()
+    changed[:, 40:] = torch.randn(2, 24)
+    with torch.inference_mode():
+        a, b = model.model(x), model.model(changed)
+    torch.testing.assert_close(a[:, :40], b[:, :40])  # a step never sees later steps
+    assert not torch.allclose(a[:, 40:], b[:, 40:])
+    # rotary: the score of a query at i and a key at j depends on i - j only
+    dim, theta = 8, 10000.0
+    inv = 1.0 / theta ** (torch.arange(0, dim, 2).float() / dim)
+    angles = torch.outer(torch.arange(20).float(), inv)
+    angles = torch.cat([angles, angles], -1)
+    q, k = torch.randn(dim), torch.randn(dim)
+
+    def rotate(v, i):
+        return v * angles[i].cos() + _rotate_half(v) * angles[i].sin()
+
+    scores = {(i, j): float(rotate(q, i) @ rotate(k, j)) for i in range(20) for j in range(20)}
+    for offset in (0, 3, 7):
+        same = [s for (i, j), s in scores.items() if i - j == offset]
+        assert max(same) - min(same) < 1e-4
+    assert isinstance(model, TimeMoE)
+
+
+def test_timemoe_routes_to_the_top_experts_without_renormalising():
+    from stages.extract.backbones.timemoe import SparseMoE
+
+    torch.manual_seed(1)
+    config = {"hidden_size": 16, "intermediate_size": 32, "num_experts": 4,
+              "num_experts_per_tok": 2}
+    moe = SparseMoE(config).eval()
+    tokens = torch.randn(50, 16)
+    with torch.inference_mode():
+        got = moe(tokens)
+        p = moe.gate(tokens).softmax(-1)
+        top = p.topk(2, dim=-1).indices
+        every = torch.stack([expert(tokens) for expert in moe.experts], 1)  # (T, E, H)
+        keep = torch.zeros_like(p).scatter(1, top, 1.0)
+        want = (keep * p)[..., None].mul(every).sum(1)  # weights summing to < 1, as published
+        want = want + torch.sigmoid(moe.shared_expert_gate(tokens)) * moe.shared_expert(tokens)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_timemoe_dense_variant_and_missing_files(tmp_path):
+    backbone = create_backbone("timemoe", {"use_dense": True})
+    folder = Path(backbone.prepare_weights("random", 0, tmp_path))
+    reloaded = create_backbone("timemoe")
+    reloaded.setup(str(folder), torch.device("cpu"))
+    assert reloaded.config["use_dense"] and "model.layers.0.ffn_layer.up_proj.weight" in \
+        reloaded.model.state_dict()
+    (folder / "model.safetensors").unlink()
+    with pytest.raises(WeightsError, match="lacks model.safetensors"):
+        create_backbone("timemoe").load(str(folder))
+    with pytest.raises(WeightsError, match="Maple728/TimeMoE-50M"):
+        create_backbone("timemoe").load(str(tmp_path / "nothing-here.bin"))
