@@ -99,7 +99,7 @@ class FitParams:
     gate_lr: float = 1e-2
     gate_loss: str = "expected"
     combiner: str = "select"
-    combiner_se: float = 1.0
+    combiner_alpha: float = 0.05
     head_skip: bool = True
     oof_folds: int = 5
     loss: str = "mse"
@@ -126,8 +126,9 @@ class FitParams:
             if getattr(self, key) not in allowed:
                 raise ParamsError(f"fit.{key} must be one of {', '.join(allowed)}, got "
                                   f"{getattr(self, key)!r}")
-        if self.combiner_se < 0:
-            raise ParamsError(f"fit.combiner_se must be at least 0, got {self.combiner_se}")
+        if not 0 < self.combiner_alpha < 1:
+            raise ParamsError(f"fit.combiner_alpha must lie in (0, 1), got "
+                              f"{self.combiner_alpha}")
         for key in ("oof_folds", "cv_folds"):  # one fold would hold out nothing
             if getattr(self, key) < 2:
                 raise ParamsError(f"fit.{key} must be at least 2, got {getattr(self, key)}")

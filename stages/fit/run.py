@@ -207,7 +207,7 @@ def fit_split(task: Task, targets: Targets, source: FeatureSource, rows: dict[st
     elif params.combiner == "select":
         per_row, scored = cross_validated_losses(learners, rows["train"], subjects,
                                                  objective, params.oof_folds, seed * 100 + 70)
-        choice = choose(per_row, subjects[scored], GATE_NAME, params.combiner_se)
+        choice = choose(per_row, subjects[scored], GATE_NAME, params.combiner_alpha)
         losses = {name: float(loss.mean()) for name, loss in per_row.items()}
     else:
         choice = GATE_NAME
