@@ -189,3 +189,33 @@ def test_timemoe_dense_variant_and_missing_files(tmp_path):
         create_backbone("timemoe").load(str(folder))
     with pytest.raises(WeightsError, match="Maple728/TimeMoE-50M"):
         create_backbone("timemoe").load(str(tmp_path / "nothing-here.bin"))
+
+
+@pytest.mark.parametrize("size,hidden,total", [("50M", 384, 113_352_192),
+                                                ("200M", 768, 453_196_800)])
+def test_timemoe_at_the_published_shapes_has_the_published_parameter_count(size, hidden, total):
+    """TimeMoE-50M/-200M are 113 M / 453 M parameters in all (50 M / 200 M active). With
+    H = hidden, I = 4H, 12 layers, 8 experts of width I/2, horizons 1, 8, 32, 64:
+    per layer 4H² + 3H (attention) + 2H (norms) + 8H (router) + 8·3·H·I/2 (experts)
+    + 3·H·I (shared expert) + H (its gate); plus 2H (embedding), H (final norm) and
+    105·H (forecast heads)."""
+    from stages.extract.backbones.timemoe import TimeMoE
+
+    config = {**create_backbone("timemoe").config, "hidden_size": hidden,
+              "intermediate_size": 4 * hidden, "num_hidden_layers": 12,
+              "num_attention_heads": 12, "num_key_value_heads": 12, "num_experts": 8,
+              "horizon_lengths": [1, 8, 32, 64]}
+    h, i = hidden, 4 * hidden
+    per_layer = 4 * h * h + 3 * h + 2 * h + 8 * h + 8 * 3 * h * i // 2 + 3 * h * i + h
+    assert 12 * per_layer + 2 * h + h + 105 * h == total
+    with torch.device("meta"):
+        model = TimeMoE(config)
+    assert sum(p.numel() for p in model.parameters()) == total
+
+
+def test_a_timemoe_checkpoint_of_another_shape_is_refused_by_name(tmp_path):
+    folder = Path(create_backbone("timemoe").prepare_weights("random", 0, tmp_path))
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "num_experts": 3}))
+    with pytest.raises(WeightsError, match="experts.3.gate_proj.weight"):
+        create_backbone("timemoe").load(str(folder))
