@@ -43,6 +43,8 @@ def test_params_defaults_and_errors(tmp_path):
     ("gate_loss: average", "fit.gate_loss must be one of expected, mixture, got 'average'"),
     ("evaluation: holdout", "fit.evaluation must be one of auto, split, cv"),
     ("oof_folds: 1", "fit.oof_folds must be at least 2, got 1"),
+    ("combiner: stacking", "fit.combiner must be one of select, gate, got 'stacking'"),
+    ("combiner_alpha: 1.5", r"fit.combiner_alpha must lie in \(0, 1\), got 1.5"),
 ])
 def test_fit_choices_are_checked_when_params_load(tmp_path, line, message):
     path = tmp_path / "params.yaml"
