@@ -1,18 +1,17 @@
 """The ensemble's combiner, chosen per task by cross-validated loss (a discrete super learner).
 
 No single way of combining experts won everywhere we measured: the MoE gate on RR, stacking
-on the demo's age and diagnosis, one expert alone where the others only add noise (see the
-README's results). So the default (``fit.combiner: select``) treats each as a candidate:
-every expert's head alone, its linear probe (cross-fitted like the heads, when the
-features fit in memory), the uniform average, greedy selection, stacking, the MoE gate and,
-for regression, the training median. Each is refitted K times on the training rows' out-of-fold
-expert outputs, each time without one subject fold, and scored on that fold with the
-training loss; the candidate with the lowest loss becomes the ensemble, refitted on all
-training rows. The discrete super learner (van der Laan, Polley & Hubbard, 2007) does
-asymptotically as well as its best candidate. The choice uses training rows only, so the
-test rows that score it never influenced it. ``combiner: gate`` always uses the gate, as
-EnECG and ECG-MoE do.
-"""
+on the demo's age and diagnosis, one expert or its linear probe where the others only add
+noise (see the README's results). So the gate is the default (``fit.combiner: select``)
+and the other candidates may replace it: every expert's head alone, its linear probe
+(cross-fitted like the heads, when the features fit in memory), the uniform average,
+greedy selection, stacking and, for regression, the training median. Each is refitted K
+times on the training rows' out-of-fold expert outputs, each time without one subject
+fold, and scored on that fold with the training loss (van der Laan, Polley & Hubbard,
+2007); the best replaces the gate only if clearly better (``choose``), and is then
+refitted on all training rows. The choice uses training rows only, so the test rows that
+score it never influenced it. ``combiner: gate`` always uses the gate, as EnECG and ECG-MoE
+do."""
 
 from __future__ import annotations
 
