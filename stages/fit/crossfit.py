@@ -20,7 +20,7 @@ from pipeline.params import FitParams
 from stages.fit.combine import Linear
 from stages.fit.features import FeatureSource
 from stages.fit.model import Ensemble, ModelConfig
-from stages.fit.probes import linear_probe, warm_start
+from stages.fit.probes import warm_start
 from stages.fit.train import Objective, predict, train
 
 
@@ -97,21 +97,28 @@ class ProbeFit:
 def cross_fit_probe(name: str, source: FeatureSource, objective: Objective,
                     rows: dict[str, np.ndarray], subjects: np.ndarray, n_classes: int,
                     balanced: bool, folds: int, seed: int) -> ProbeFit:
-    """The linear probe cross-fitted like a head, so a combiner may choose it."""
-    train_rows = rows["train"]
+    """The linear probe cross-fitted like a head, so a combiner may choose it.
+
+    The expert's features are taken (copied and scaled) once for all rows, not once per fold.
+    """
+    train_rows, val_rows = rows["train"], rows["val"]
+    every = np.unique(np.concatenate(list(rows.values())))
+    x_all = source.take(every, [name])[name]
+
+    def x(r: np.ndarray) -> np.ndarray:
+        return x_all[np.searchsorted(every, r)]
+
+    def fit(fit_rows: np.ndarray) -> Linear:
+        return Linear.fit(x(fit_rows), objective.y[fit_rows], x(val_rows),
+                          objective.y[val_rows], objective, n_classes, balanced)
+
     outputs = np.zeros((source.n_rows, n_classes), dtype=np.float32)
     fold_of = group_folds(subjects[train_rows], folds, seed)
     for fold in range(fold_of.max() + 1):
         held, fit_rows = train_rows[fold_of == fold], train_rows[fold_of != fold]
-        if len(fit_rows) == 0:
-            continue
-        _, out = linear_probe(name, source, objective, {**rows, "train": fit_rows,
-                                                        "held": held}, n_classes, balanced,
-                              ("held",))
-        outputs[held] = out["held"]
-    others = [s for s in rows if s != "train"]
-    linear, out = linear_probe(name, source, objective, rows, n_classes, balanced,
-                               tuple(others))
-    for split in others:
-        outputs[rows[split]] = out[split]
+        if len(fit_rows):
+            outputs[held] = fit(fit_rows).predict(x(held))
+    linear = fit(train_rows)
+    others = np.setdiff1d(every, train_rows)
+    outputs[others] = linear.predict(x(others))
     return ProbeFit(outputs, linear)
