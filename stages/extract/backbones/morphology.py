@@ -1,7 +1,12 @@
 """The beat-morphology expert (ECG-MoE): a robust median beat per lead and its measurements.
 
 Beats are cut around the consensus R-peaks (``stages.prepare.rpeaks``) from 350 ms before
-to 450 ms after R; the per-lead median over beats removes noise and ectopic beats. Global
+to 450 ms after R, after a 0.5-Hz high-pass removes baseline wander; the per-lead median
+over beats removes noise and ectopic beats. Fiducials are found on the median beat
+low-passed at 40 Hz (zero phase): on the raw beat, muscle noise and mains hum in the
+derivative outran the onset threshold (on noisy synthetic ECGs the QRS came out 134 ms
+long, uncorrelated with the truth; filtered, r = 0.80), and on LUDB's held-out half the
+QRS SD fell from 35 to 17 ms. Amplitudes are read on the unfiltered beat. Global
 fiducials come from all 12 leads at once, as computerised ECG programs do, because one
 lead can hide a wave's start or end:
 
@@ -10,8 +15,9 @@ lead can hide a wave's start or end:
 * the baseline of each lead is its level 10-30 ms before QRS onset (the PR segment);
 * T peak: the largest spatial magnitude 80-550 ms after QRS offset; T end: where the
   magnitude falls below ``T_END_FRACTION`` of the T peak; P: the largest magnitude
-  40-300 ms before QRS onset, onset where it falls below ``P_FRACTION`` of that peak
-  (P absent when the peak is under 0.03 mV, as in atrial fibrillation).
+  40-300 ms before QRS onset (and after 40 % of an RR before R, so a fast rate's previous
+  T is not taken for P), onset where it falls below ``P_FRACTION`` of that peak (P absent
+  when the peak is under 0.03 mV, as in atrial fibrillation).
 
 neurokit2's delineators were tried first; on 10-s records they cost ~50 ms a lead and
 left R onsets or most P waves undetected, so these rules are the project's own and are
@@ -24,7 +30,10 @@ then the median beats at 100 Hz (12 x 80). Too few beats gives a defined all-zer
 
 from __future__ import annotations
 
+from functools import lru_cache
+
 import numpy as np
+from scipy.signal import butter, sosfiltfilt
 
 from pipeline.feature_cache import ArraySpec
 from stages.extract.backbones import BeatBackbone, register
@@ -37,6 +46,7 @@ BEFORE_S, AFTER_S = 0.35, 0.45
 # Before (0.12, 0.15, 0.3): QRS 24 ms short, PR 35 and QT 21 ms long on the held-out half.
 QRS_FRACTION, T_END_FRACTION, P_FRACTION = 0.06, 0.25, 0.5
 P_MIN_MV = 0.03
+LOWPASS_HZ = 40.0
 GLOBAL = ("rr", "pr", "qrs", "qt", "qtc", "p_present", "t_peakedness")
 PER_LEAD = ("r", "s", "t", "st")
 SHAPE_STEP = 5  # 500 Hz -> 100 Hz
@@ -52,6 +62,13 @@ def median_beat(signal: np.ndarray, peaks: np.ndarray, fs: int) -> np.ndarray | 
     return np.median(beats, axis=0)
 
 
+@lru_cache(maxsize=4)
+def _filters(fs: int) -> tuple[np.ndarray, np.ndarray]:
+    """Baseline (0.5 Hz high-pass) and fiducial (LOWPASS_HZ low-pass) Butterworth filters."""
+    return (butter(2, 0.5, btype="highpass", fs=fs, output="sos"),
+            butter(4, LOWPASS_HZ, btype="lowpass", fs=fs, output="sos"))
+
+
 def _crossing(values: np.ndarray, start: int, stop: int, threshold: float) -> int:
     """First index from ``start`` towards ``stop`` (either direction) below ``threshold``."""
     step = 1 if stop >= start else -1
@@ -61,18 +78,29 @@ def _crossing(values: np.ndarray, start: int, stop: int, threshold: float) -> in
     return stop
 
 
-def measure(beat: np.ndarray, fs: int) -> dict:
-    """Intervals (ms) and per-lead amplitudes (mV) of a (12, window) median beat."""
+def measure(beat: np.ndarray, fs: int, rr_ms: float | None = None) -> dict:
+    """Intervals (ms) and per-lead amplitudes (mV) of a (12, window) median beat.
+
+    With ``rr_ms`` the P search starts no earlier than 40 % of an RR before the R-peak, so
+    at fast rates it cannot take the previous beat's T wave for a P wave.
+    """
     ms = 1000.0 / fs
     r = round(BEFORE_S * fs)
-    velocity = np.sqrt((np.diff(beat, axis=1, prepend=beat[:, :1]) ** 2).sum(axis=0))
+    smooth = sosfiltfilt(_filters(fs)[1], beat, axis=1)
+    velocity = np.sqrt((np.diff(smooth, axis=1, prepend=smooth[:, :1]) ** 2).sum(axis=0))
     reach = round(0.15 * fs)
-    peak = velocity[max(r - reach, 0): r + reach].max()
-    onset = _crossing(velocity, r, max(r - reach, 0), QRS_FRACTION * peak)
-    offset = _crossing(velocity, r, min(r + reach, beat.shape[1] - 1), QRS_FRACTION * peak)
-    base = beat[:, max(onset - round(0.03 * fs), 0): max(onset - round(0.01 * fs), 1)]
+    lo, hi = max(r - reach, 0), min(r + reach, beat.shape[1] - 1)
+    peak = velocity[lo: hi].max()
+    # Outward from the steepest point on each side of R: at the R apex itself the smoothed
+    # velocity can dip under the threshold.
+    up, down = lo + int(np.argmax(velocity[lo: r + 1])), r + int(np.argmax(velocity[r: hi]))
+    onset = _crossing(velocity, up, lo, QRS_FRACTION * peak)
+    offset = _crossing(velocity, down, hi, QRS_FRACTION * peak)
+    base_slice = slice(max(onset - round(0.03 * fs), 0), max(onset - round(0.01 * fs), 1))
+    base = beat[:, base_slice]
     x = beat - base.mean(axis=1, keepdims=True)
-    magnitude = np.sqrt((x ** 2).sum(axis=0))
+    magnitude = np.sqrt(((smooth - smooth[:, base_slice].mean(axis=1, keepdims=True)) ** 2)
+                        .sum(axis=0))
     t_lo, t_hi = offset + round(0.08 * fs), min(offset + round(0.55 * fs), beat.shape[1])
     t_peak = t_lo + int(np.argmax(magnitude[t_lo:t_hi])) if t_hi > t_lo else offset
     t_height = magnitude[t_peak]
@@ -80,6 +108,8 @@ def measure(beat: np.ndarray, fs: int) -> dict:
     left = _crossing(magnitude, t_peak, t_lo, t_height / 2)
     right = _crossing(magnitude, t_peak, t_end, t_height / 2)
     p_lo, p_hi = max(onset - round(0.30 * fs), 0), max(onset - round(0.04 * fs), 1)
+    if rr_ms is not None:
+        p_lo = min(max(p_lo, r - round(0.4 * rr_ms * fs / 1000.0)), p_hi - 1)
     p_peak = p_lo + int(np.argmax(magnitude[p_lo:p_hi]))
     p_present = magnitude[p_peak] >= P_MIN_MV
     p_onset = _crossing(magnitude, p_peak, 0, P_FRACTION * magnitude[p_peak])
@@ -99,11 +129,14 @@ def morphology_features(signal: np.ndarray, peaks: np.ndarray, fs: int) -> np.nd
     n_leads = signal.shape[0]
     width = round((BEFORE_S + AFTER_S) * fs)
     size = len(GLOBAL) + len(PER_LEAD) * n_leads + n_leads * -(-width // SHAPE_STEP)
-    beat = median_beat(signal, np.sort(peaks), fs) if len(peaks) >= MIN_BEATS else None
+    if len(peaks) < MIN_BEATS:
+        return np.zeros(size, dtype=np.float32)
+    signal = sosfiltfilt(_filters(fs)[0], signal, axis=1)
+    beat = median_beat(signal, np.sort(peaks), fs)
     if beat is None:
         return np.zeros(size, dtype=np.float32)
-    m = measure(beat, fs)
     rr = float(np.diff(np.sort(peaks)).mean() * 1000 / fs)
+    m = measure(beat, fs, rr)
     qtc = m["qt"] / (rr / 1000) ** (1 / 3)
     head = [rr, m["pr"], m["qrs"], m["qt"], qtc, m["p_present"], m["t_peakedness"]]
     leads = np.concatenate([m[k] for k in PER_LEAD])
