@@ -299,8 +299,7 @@ def test_derived_rr_matches_the_generators_beat_timing(tmp_path):
     rng = np.random.default_rng(0)
     errors = []
     for k, diagnosis in enumerate(list(DIAGNOSES)[:12] * 3):
-        heart = Heart(diagnosis, sample_heart_rate(diagnosis, 60, "M", rng), 60.0, "M",
-                      "normal")
+        heart = Heart(diagnosis, sample_heart_rate(diagnosis, 60, "M", rng), 60.0, "M", 4.2)
         ecg = render(heart, np.random.default_rng(k))
         rr, _ = derive_rr(ecg.signal.T, 500)
         errors.append(abs(rr - ecg.rr_ms))
