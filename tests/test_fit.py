@@ -26,7 +26,7 @@ def _cohort(rng: np.random.Generator) -> pd.DataFrame:
     signal = rng.normal(size=N)
     return pd.DataFrame({
         "record_id": [f"r{i}" for i in range(N)], "subject_id": [f"s{s}" for s in subjects],
-        "split": split, "signal": signal,
+        "split": split, "signal": signal, "source": np.where(subjects < 20, "ptb-xl", "synthetic"),
         "rr": 800 + 150 * signal, "age": 60 + 10 * signal,
         "sex": np.where(signal > 0, "M", "F"),
         "ka": pd.array(np.where(signal > 1.3, 1, 0), dtype="Int8"),
@@ -90,6 +90,9 @@ def test_the_ensemble_learns_and_beats_the_trivial_predictor(fake, task, better)
                 "probe_weak"} | ({"confidence"} if better == "higher" else set())
     assert set(metrics["methods"]) == expected
     assert metrics["methods"]["ensemble"][name]["ci"][0] <= ensemble
+    sources = metrics["sources"]  # evaluated (test) ECGs per archive, for the report
+    assert set(sources) == {"synthetic"} and sum(sources.values()) == sum(metrics["n"].values()) \
+        - metrics["n"]["train"] - metrics["n"]["val"]
 
 
 def test_binary_metrics_and_class_weighted_rare_task(fake):

@@ -297,3 +297,17 @@ def test_the_chosen_combiner_is_named_per_task(tmp_path):
     text = write_report(metrics_dir, predictions_dir, tmp_path / "out").read_text()
     assert "chosen afresh in every fit: rhythm in 13 of 15, gate in 2 of 15." in text
     assert text.count("chosen afresh in every fit") == 1  # the other tasks carry no choice
+
+
+def test_a_synthetic_cohort_is_named_as_such(tmp_path):
+    metrics_dir, predictions_dir = _write_inputs(tmp_path, random=False)
+    assert "Synthetic cohort" not in write_report(metrics_dir, predictions_dir,
+                                                  tmp_path / "a").read_text()
+    for task in ("rr", "sex"):
+        path = metrics_dir / f"{task}.json"
+        metrics = json.loads(path.read_text())
+        metrics["sources"] = {"synthetic": 150, "ptb-xl": 50}
+        path.write_text(json.dumps(metrics))
+    text = write_report(metrics_dir, predictions_dir, tmp_path / "b").read_text()
+    assert "**Synthetic cohort.** 150 of 200 evaluated ECGs" in text
+    assert "never how ECGs behave" in text

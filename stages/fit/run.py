@@ -404,6 +404,7 @@ def fit_task(task_name: str, params: FitParams, cohort_path: Path, cache_dir: Pa
                        "n_evaluated": len(evaluated), "bootstrap": params.bootstrap,
                        "level": 0.95, "resampled": "subjects",
                        "subjects": len(np.unique(subjects[evaluated]))},
+        "sources": _sources(cohort, evaluated),
         "seeds": seeds_list, "backbones": names,
         "random_weights": {b: bool(source.fingerprints[b].get("random_weights"))
                            for b in names},
@@ -429,6 +430,14 @@ def fit_task(task_name: str, params: FitParams, cohort_path: Path, cache_dir: Pa
     return FitResult(metrics, pd.concat(predictions, ignore_index=True), models, scale,
                      targets.classes, source.fingerprints, _model_config(params), dims,
                      source.dims()[GATE], scaling)
+
+
+def _sources(cohort: pd.DataFrame, rows: np.ndarray) -> dict[str, int]:
+    """Evaluated ECGs per source archive, so a report can say when they are synthetic."""
+    if "source" not in cohort:
+        return {}
+    counts = cohort["source"].iloc[rows].astype(str).value_counts()
+    return {str(k): int(v) for k, v in counts.items()}
 
 
 def _intervals(task: Task, y: np.ndarray, per_seed: list[dict[str, _Pooled]],

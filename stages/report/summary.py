@@ -110,6 +110,7 @@ def write_report(metrics_dir: Path, predictions_dir: Path, out_dir: Path,
         "headline metric [its 95 % interval over resampled subjects]. Evaluated on: "
         + "; ".join(_evaluated(task, m) for task, m in fitted.items()) + ".",
         *_random_warning(fitted.values()),
+        *_synthetic_warning(fitted.values()),
         *_headline_section(tasks),
         *_skipped_section(tasks),
         *(line for task, m in fitted.items() for line in _task_section(task, m)),
@@ -243,6 +244,19 @@ def _random_warning(fitted: Iterable[dict]) -> list[str]:
     return ["", f"> **Warning: RANDOM weights.** {', '.join(random)} ran with random, untrained "
             "weights (demo features): the numbers show the pipeline works, not what pretrained "
             "models achieve."]
+
+
+def _synthetic_warning(fitted: Iterable[dict]) -> list[str]:
+    counts = [m.get("sources", {}) for m in fitted]
+    synthetic = max((c.get("synthetic", 0) for c in counts), default=0)
+    if not synthetic:
+        return []
+    total = max(sum(c.values()) for c in counts)
+    return ["", f"> **Synthetic cohort.** {synthetic} of {total} evaluated ECGs come from the "
+            "project's generator (`pipeline synth`). Its difficulty was calibrated so a simple "
+            "baseline lands near real-data levels (README, \"The synthetic cohort\": "
+            "calibration table), but a result here says how hard the generator made the "
+            "task, never how ECGs behave."]
 
 
 def _headline_section(tasks: dict[str, dict]) -> list[str]:
