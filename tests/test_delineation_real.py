@@ -39,10 +39,10 @@ def test_annotations_give_physiological_reference_intervals():
         assert extreme["qrs"] >= ref["qrs"] and extreme["qt"] >= ref["qt"]
 
 
-@pytest.mark.parametrize("interval,limit", [("rr", 10), ("pr", 20), ("qrs", 25), ("qt", 40)])
+@pytest.mark.parametrize("interval,limit", [("rr", 10), ("pr", 15), ("qrs", 10), ("qt", 30)])
 def test_the_morphology_expert_stays_within_todays_accuracy(interval, limit):
-    """Mean absolute difference over the five records (ms). Today: rr 4, pr 10, qrs 12,
-    qt 29 (the README gives the whole database's figures against IEC 60601-2-51)."""
+    """Mean absolute difference over the five records (ms). Today: rr 4, pr 9, qrs 4,
+    qt 21 (the README gives the whole database's figures against IEC 60601-2-51)."""
     errors = []
     for record in RECORDS:
         signal = wfdb.rdrecord(str(record)).p_signal.T.astype(np.float64)

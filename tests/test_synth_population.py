@@ -51,7 +51,7 @@ def _auroc(positive: np.ndarray, x: np.ndarray, feature: str) -> float:
 
 # (label, feature, direction): the documented traces of sex and age.
 SEX_TRACES = [("qrs", "M"), ("qtc", "F"), ("st_V2", "M"), ("r_V5", "M"), ("t_V4", "M")]
-AGE_TRACES = [("pr", +1), ("qtc", +1), ("r_aVF", -1)]  # r_aVF: the axis turns left
+AGE_TRACES = [("pr", +1), ("sdnn", -1), ("r_aVF", -1)]  # sdnn: RSA; r_aVF: axis turns left
 
 
 @pytest.mark.parametrize("feature,sex", SEX_TRACES)
