@@ -19,6 +19,8 @@ SMALL = {
     "timesnet": {"d_model": 8, "d_ff": 8, "e_layers": 1, "top_k": 2, "num_kernels": 2},
     "dlinear": {"pred_len": 4},
     "gate": {},
+    "ecgfm": {"conv_channels": 8, "embed_dim": 16, "layers": 1, "heads": 2, "ffn_dim": 16,
+              "conv_pos": 8, "conv_pos_groups": 2},
 }
 
 
