@@ -237,8 +237,10 @@ class ECGFMBackbone(Backbone):
             raise WeightsError(f"{path} is not a fairseq-signals checkpoint (a dict with "
                                "'model' and 'cfg'): pass ECG-FM's published .pt file")
         cfg = (checkpoint.get("cfg") or {}).get("model") or {}
-        self.config = architecture(cfg)
         state = checkpoint["model"]
+        self.config = architecture(cfg)
+        if "proj.weight" in state and not self.config["num_labels"]:
+            self.config["num_labels"] = int(state["proj.weight"].shape[0])
         finetuned = any(k.startswith("encoder.encoder.") for k in state)
         model = ECGFM(self.config)
         names = {fairseq_name(k, finetuned): k for k in model.state_dict()}
