@@ -33,6 +33,8 @@ bench: setup
 	PATH="$(BIN):$$PATH" $(BIN)/python benchmarks/fit_throughput.py
 	PATH="$(BIN):$$PATH" $(BIN)/python benchmarks/fit_scale.py --rows 200000
 	PATH="$(BIN):$$PATH" $(BIN)/python benchmarks/rr_accuracy.py
+	PATH="$(BIN):$$PATH" $(BIN)/python benchmarks/synthetic_calibration.py
+	PATH="$(BIN):$$PATH" $(BIN)/python benchmarks/backbone_cost.py
 
 lint: setup
 	$(BIN)/ruff check .
