@@ -4,26 +4,27 @@ Everything here is drawn once per subject (``draw_body``) or once per ECG (the r
 any waveform exists; ``waveform.render`` then expresses it. Effect sizes follow published
 normal ranges and epidemiology; the figures below are the ones taken from them.
 
-* Sex (men minus women): QRS duration +6 ms and precordial QRS voltage x1.12 (Rijnbeek et
-  al., J Electrocardiol 2014;47:914, Dutch normal values 16-90 years); QTc -12 ms (women
+* Sex (men minus women): QRS duration +8 ms and precordial QRS voltage x1.25 (Rijnbeek et
+  al., J Electrocardiol 2014;47:914, Dutch normal values 16-90 years); QTc -15 ms (women
   longer by 10-20 ms after puberty: Rautaharju et al., AHA/ACCF/HRS recommendations part IV,
   Circulation 2009;119:e241); J-point elevation in V2-V3 about 0.1 mV in young men,
   declining with age, about 0.04 mV in women (the same recommendations set sex- and
-  age-specific ST-elevation limits for this reason); PR +4 ms; T amplitude x1.15.
+  age-specific ST-elevation limits for this reason); PR +4 ms; T amplitude x1.25.
 * Age: the waveform adds PR +0.4 ms/year, QTc +0.25 ms/year, frontal axis -0.5 deg/year,
   QRS and T amplitude -0.5 and -0.4 %/year above 40, less respiratory sinus arrhythmia
   (Rijnbeek 2014 for the trends). Conditions become more common with age: atrial
   fibrillation about x1.8 per decade (0.1 % under 55 to 9 % at 80+ in ATRIA: Go et al.,
   JAMA 2001;285:2370), conduction disease, LVH and ectopy less steeply.
-* Potassium: serum level in mmol/L, ~2.5 % outside 3.5-5.1. Its signs are graded by the
-  level and by the subject's ``k_sensitivity``; 35 % of subjects show none at any level,
+* Potassium: serum level in mmol/L, ~2.5 % outside 3.5-5.1 at age 40, more when older.
+  Its signs are graded by the
+  level and by the subject's ``k_sensitivity``; 20 % of subjects show none at any level,
   and mild abnormalities leave little trace in anyone, because the ECG is insensitive to
   hyperkalaemia (signs in only 34-43 % of cases with K > 6.0 in Montague et al., Clin J Am
   Soc Nephrol 2008;3:324).
 * Between subjects (no label): heart rotation (SD 15 deg about the long axis, 8 deg tilt),
   limb and precordial gains (torso, electrode placement: log-normal SD 0.15-0.2),
   rate SD 7 bpm, PR SD 14 ms, QRS SD 6 ms, QTc SD 14 ms, axis SD 15 deg, T amplitude
-  log-normal SD 0.25.
+  log-normal SD 0.2.
 """
 
 from __future__ import annotations
