@@ -246,8 +246,8 @@ class ECGFMBackbone(Backbone):
         names = {fairseq_name(k, finetuned): k for k in model.state_dict()}
         renamed, origin = {}, {}
         for key, tensor in state.items():
-            if key.startswith(PRETRAINING_ONLY):
-                continue
+            if key.removeprefix("encoder." if finetuned else "").startswith(PRETRAINING_ONLY):
+                continue  # a fine-tuned encoder may keep mask_emb (apply_mask)
             if finetuned and key.startswith("encoder."):
                 canonical = "encoder." + _canonical(key.removeprefix("encoder."))
             else:
