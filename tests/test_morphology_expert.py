@@ -89,3 +89,13 @@ def test_whole_record_features_and_defined_failures():
     with torch.inference_mode():
         out = backbone.features(torch.zeros(2, 12, n))["features"]
     assert out.shape == (2, backbone.arrays()[0].shape[0]) and not out.any()
+
+
+def test_a_record_with_nan_gives_the_defined_zero_row():
+    signal = np.zeros((12, 5000))
+    peaks = np.arange(300, 4700, 400)
+    for p in peaks:
+        signal[:, p - 175: p - 175 + len(_t_ms())] += _beat(_t_ms())
+    assert morphology_features(signal, peaks, FS).any()
+    signal[3, 1000] = np.nan
+    assert not morphology_features(signal, peaks, FS).any()
