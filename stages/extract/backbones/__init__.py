@@ -196,6 +196,24 @@ def load_strict(model: nn.Module, state: dict[str, torch.Tensor], source: str) -
     return model
 
 
+def check_fit(model: nn.Module, state: dict[str, torch.Tensor], origin: dict[str, str],
+              source: str, label: str, theirs: dict[str, str] | None = None) -> None:
+    """Refuse what does not fit, naming each tensor as the checkpoint spells it.
+
+    ``state`` is keyed by the model's names, ``origin`` maps them back to the checkpoint's;
+    ``theirs`` names the checkpoint's spelling of tensors it lacks (default: ours).
+    """
+    expected, theirs = model.state_dict(), theirs or {}
+    problems = [f"unexpected {origin[k]}" for k in state if k not in expected]
+    problems += [f"missing {theirs.get(k, k)}" for k in expected if k not in state]
+    problems += [f"{origin[k]} has shape {tuple(t.shape)}, expected "
+                 f"{tuple(expected[k].shape)}" for k, t in state.items()
+                 if k in expected and t.shape != expected[k].shape]
+    if problems:
+        raise WeightsError(f"{label} checkpoint {source} does not fit the architecture it "
+                           f"describes ({len(problems)} problem(s)): " + "; ".join(problems[:8]))
+
+
 class StateDictBackbone(Backbone):
     """Backbones whose weights are one state-dict file (Time-Series-Library checkpoints).
 

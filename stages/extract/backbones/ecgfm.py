@@ -44,7 +44,7 @@ import torch
 from torch import nn
 
 from pipeline.feature_cache import ArraySpec
-from stages.extract.backbones import Backbone, WeightsError, load_strict, register
+from stages.extract.backbones import Backbone, WeightsError, check_fit, load_strict, register
 from stages.extract.contract import InputContract
 
 FS, SECONDS, SEGMENT = 500, 10, 2500
@@ -175,21 +175,6 @@ def checkpoint_cfg(c: dict[str, Any]) -> dict[str, Any]:
             **({"num_labels": c["num_labels"]} if finetuned else {})}
 
 
-def _check_fit(model: nn.Module, state: dict[str, torch.Tensor], origin: dict[str, str],
-               names: dict[str, str], path: Path) -> None:
-    """Refuse, naming the checkpoint's own tensors, what does not fit the architecture."""
-    expected = model.state_dict()
-    theirs = {ours: name for name, ours in names.items()}
-    problems = [f"unexpected {origin[k]}" for k in state if k not in expected]
-    problems += [f"missing {theirs[k]}" for k in expected if k not in state]
-    problems += [f"{origin[k]} has shape {tuple(t.shape)}, expected "
-                 f"{tuple(expected[k].shape)}" for k, t in state.items()
-                 if k in expected and t.shape != expected[k].shape]
-    if problems:
-        raise WeightsError(f"ECG-FM checkpoint {path} does not fit the architecture its cfg "
-                           f"describes ({len(problems)} problem(s)): " + "; ".join(problems[:8]))
-
-
 @register("ecgfm")
 class ECGFMBackbone(Backbone):
     defaults = {"in_d": 12, "conv_channels": 32, "conv_layers": 4, "conv_kernel": 2,
@@ -254,7 +239,8 @@ class ECGFMBackbone(Backbone):
                 canonical = _canonical(key)
             ours = names.get(canonical, key)
             renamed[ours], origin[ours] = tensor.float(), key
-        _check_fit(model, renamed, origin, names, path)
+        check_fit(model, renamed, origin, str(path), "ECG-FM",
+                  {ours: name for name, ours in names.items()})
         return load_strict(model, renamed, str(path))
 
     def features(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
