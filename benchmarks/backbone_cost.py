@@ -7,7 +7,7 @@ published (random weights: cost does not depend on their values): parameters, GF
 ECG/s timed on ``--n`` ECGs in one batch with ``--threads`` torch threads. Prints a
 Markdown table; compare ECG/s as ratios within one run (the machine is shared).
 
-    python benchmarks/backbone_cost.py [--n 4] [--threads 1] [--backbones ecgfm timemoe]
+    python benchmarks/backbone_cost.py [--n 4] [--threads 1] [--backbones ecgfm tempo]
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from pipeline.params import load_params
 from stages.extract.backbones import create_backbone
 from stages.extract.backbones.ecgfm import PUBLISHED as ECGFM_PUBLISHED
+from stages.extract.backbones.tempo import PUBLISHED as TEMPO_PUBLISHED
 
 # (name of the published model, architecture); TimesNet has no published ECG checkpoint.
 PUBLISHED = {
@@ -32,6 +33,7 @@ PUBLISHED = {
                                 "num_key_value_heads": 12, "num_experts": 8,
                                 "horizon_lengths": [1, 8, 32, 64]}),
     "ecgfm": ("ECG-FM", ECGFM_PUBLISHED),
+    "tempo": ("TEMPO-80M (config: 6 GPT-2 blocks)", TEMPO_PUBLISHED),
 }
 
 
@@ -60,7 +62,7 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=4, help="ECGs timed per shape")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--backbones", nargs="+",
-                        default=["moment", "timesnet", "dlinear", "timemoe", "ecgfm"])
+                        default=["moment", "timesnet", "dlinear", "timemoe", "ecgfm", "tempo"])
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     sections = load_params().backbones

@@ -21,11 +21,12 @@ SMALL = {
     "gate": {},
     "ecgfm": {"conv_channels": 8, "embed_dim": 16, "layers": 1, "heads": 2, "ffn_dim": 16,
               "conv_pos": 8, "conv_pos_groups": 2},
+    "tempo": {"d_model": 8, "layers": 1, "heads": 2, "lora_r": 2, "pred_len": 8},
 }
 
 
 def _extract(name, prepared, cache, force=False, **overrides):
-    params = BackboneParams(batch_size=8, per_lead=name in ("moment", "dlinear"),
+    params = BackboneParams(batch_size=8, per_lead=name in ("moment", "dlinear", "tempo"),
                             model=SMALL[name])
     for key, value in overrides.items():
         setattr(params, key, value)
@@ -44,7 +45,7 @@ def test_features_have_the_declared_shape_and_are_deterministic(name, small_prep
     summary = _extract(name, small_prepared, tmp_path / "a")
     assert summary["status"] == "built" and summary["rows"] == N
     features, fingerprint = open_features(tmp_path / "a" / f"{name}.zarr")
-    backbone = create_backbone(name, SMALL[name], per_lead=name in ("moment", "dlinear"))
+    backbone = create_backbone(name, SMALL[name], per_lead=name in ("moment", "dlinear", "tempo"))
     expected = {spec.name: spec.shape for spec in backbone.arrays()}
     assert features.shape == (N, *expected["features"])
     arrays = _arrays(tmp_path / "a" / f"{name}.zarr")
