@@ -189,6 +189,19 @@ def check_published(path: Path, want: Mapping[str, Any]) -> bool:
     return True
 
 
+# What a feature row depends on besides its ECG: the same values, the same features.
+FEATURE_KEYS = ("backbone", "revision", "random_weights", "weights_seed", "weights_digest",
+                "model", "per_lead", "contract", "dtype", "code_digest")
+
+
+def feature_differences(want: dict, have: dict) -> list[str]:
+    """How features made under fingerprint ``have`` would differ from ``want``'s (whatever
+    cohort either was computed on)."""
+    return [f"{key}: {json.dumps(want.get(key), sort_keys=True)} expected, "
+            f"{json.dumps(have.get(key), sort_keys=True)} here"
+            for key in FEATURE_KEYS if want.get(key) != have.get(key)]
+
+
 def open_features(path: Path, name: str = "features") -> tuple[zarr.Array, dict]:
     """A complete store's array and fingerprint, or a CacheError saying what to run."""
     path = Path(path)

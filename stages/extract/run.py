@@ -25,13 +25,14 @@ from pipeline.feature_cache import (
     CacheBuilder,
     check_published,
     clear_leftovers,
+    feature_differences,
     open_features,
     write_shard,
 )
 from pipeline.params import BackboneParams, ExtractParams
 from pipeline.signal_store import SignalStore
 from pipeline.staging import recover
-from stages.extract.backbones import RANDOM, Backbone, create_backbone
+from stages.extract.backbones import RANDOM, Backbone, WeightsError, create_backbone
 from stages.extract.feature_code import code_digest
 
 
@@ -139,8 +140,13 @@ def fingerprint(backbone: Backbone, params: BackboneParams, store: SignalStore) 
 
 
 def extract(name: str, params: BackboneParams, settings: ExtractParams, prepared: Path,
-            force: bool = False, scheduler: str | None = None) -> dict:
-    """Build ``<settings.out>/<name>.zarr``; returns a summary of what was done."""
+            force: bool = False, scheduler: str | None = None,
+            expected: dict | None = None) -> dict:
+    """Build ``<settings.out>/<name>.zarr``; returns a summary of what was done.
+
+    ``expected``: a fingerprint the features must match (a trained model's); the backbone
+    is refused, before any ECG is computed, with every difference listed.
+    """
     started = time.perf_counter()
     cache_dir = Path(settings.out)
     with SignalStore(Path(prepared) / "signals.h5") as store:
@@ -151,6 +157,10 @@ def extract(name: str, params: BackboneParams, settings: ExtractParams, prepared
         backbone.setup(weights, device)
         fp = fingerprint(backbone, params, store)
         n_rows = len(store)
+    differences = feature_differences(expected, fp) if expected is not None else []
+    if differences:
+        raise WeightsError(f"backbone {name} does not compute the features the model was "
+                           f"trained on: {'; '.join(differences)}")
     final = cache_dir / f"{name}.zarr"
     origin = ("random" if fp["random_weights"] else
               "loaded" if backbone.needs_weights else "none")

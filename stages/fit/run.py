@@ -31,7 +31,7 @@ import pandas as pd
 import pyarrow.parquet as pq
 import torch
 
-from pipeline.feature_cache import CacheError
+from pipeline.feature_cache import CacheError, feature_differences
 from pipeline.params import FitParams
 from pipeline.staging import staged_dir, staged_file
 from stages.fit.bootstrap import intervals
@@ -538,7 +538,7 @@ def write_skipped(task_name: str, reason: str, params: FitParams, n: dict | None
 
 def load_model(path: Path, fingerprints: dict[str, dict]) -> tuple[Ensemble, dict]:
     """A saved ensemble, refused unless ``fingerprints`` match the features it learnt from."""
-    saved = torch.load(path, map_location="cpu", weights_only=False)
+    saved = torch.load(path, map_location="cpu", weights_only=True)
     check_model_features(saved, fingerprints)
     classification = bool(saved["classes"]) and TASKS[saved["task"]].kind != "regression"
     d_out = len(saved["classes"]) if classification else 1
@@ -549,13 +549,15 @@ def load_model(path: Path, fingerprints: dict[str, dict]) -> tuple[Ensemble, dic
 
 
 def check_model_features(saved: dict, fingerprints: dict[str, dict]) -> None:
-    """Refuse to use heads with features other than the ones they were trained on."""
+    """Refuse to use heads with features other than the ones they were trained on (the
+    cohort they are computed on may differ: that is what a model is for)."""
     for name, want in saved["fingerprints"].items():
         have = fingerprints.get(name)
-        if have != want:
+        differences = (["no features"] if have is None
+                       else feature_differences(want, have))
+        if differences:
             raise CacheError(
-                f"this model was trained on {name} features with fingerprint "
-                f"{json.dumps(want, sort_keys=True)[:200]}..., but the cache now holds "
-                f"{'none' if have is None else json.dumps(have, sort_keys=True)[:200]}...; "
-                f"re-run `pipeline fit-ensemble` on the current cache"
+                f"this model was trained on {name} features that differ from the ones given "
+                f"({'; '.join(differences)}); re-run `pipeline fit-ensemble` on the current "
+                "cache, or extract with the model's backbone settings"
             )
