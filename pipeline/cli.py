@@ -262,6 +262,99 @@ def compare(params: ParamsOption = Path("params.yaml")) -> None:
 
 
 @app.command()
+def export(
+    out: Annotated[Path, typer.Option(help="Folder to write the bundle to (replaced "
+                                      "atomically).")],
+    task: Annotated[str, typer.Option(help="A task of params `tasks:`, or all.")] = "all",
+    params: ParamsOption = Path("params.yaml"),
+) -> None:
+    """Write a trained ensemble as a portable model bundle for `pipeline predict`.
+
+    The bundle holds each task's saved models (every seed), its metrics, the backbones'
+    fingerprints and how to rebuild their features, the prepare settings, and a model
+    card. Backbone weights are referenced, not copied.
+    """
+    from stages.predict.bundle import BundleError, export_bundle
+
+    cfg = _params(params)
+    tasks = list(cfg.tasks) if task == "all" else [task]
+    try:
+        manifest = export_bundle(tasks, cfg, out)
+    except BundleError as err:
+        _fail(str(err))
+    typer.echo(f"wrote {out}: {', '.join(manifest['tasks'])} "
+               f"({len(manifest['backbones'])} backbones referenced); see {out}/MODEL_CARD.md")
+
+
+@app.command()
+def predict(
+    model: Annotated[Path, typer.Option(help="Model bundle folder (`pipeline export`).")],
+    root: Annotated[Path, typer.Option(help="Folder of the new ECGs.")],
+    out: Annotated[Path, typer.Option(help="Parquet file of predictions (one row per "
+                                      "readable record).")],
+    source: Annotated[str, typer.Option(help="Source adapter of --root: challenge, "
+                                        "mimic-iv-ecg, ptb-xl, code15, folder, "
+                                        "synthetic.")] = "folder",
+    labels: Annotated[Path | None, typer.Option(help="Label tables, as for `prepare`; with "
+                                                "labels, metrics go to OUT.metrics.json.")] = None,
+    option: Annotated[list[str] | None, typer.Option(help="Source option KEY=VALUE "
+                                                     "(repeatable), as for `prepare`.")] = None,
+    weights: Annotated[list[str] | None, typer.Option(help="BACKBONE=PATH: where this machine "
+                                                      "keeps a backbone's weights (checked "
+                                                      "against the bundle's digest).")] = None,
+    seed: Annotated[int | None, typer.Option(help="Which saved seed's model to use "
+                                             "(default: the first).")] = None,
+    work: Annotated[Path | None, typer.Option(help="Work folder for prepared signals and "
+                                              "features (default: cache/predict/<id>); a "
+                                              "repeated call reuses it.")] = None,
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda[:N]")] = "auto",
+) -> None:
+    """Run a trained ensemble on new ECGs: every task of the bundle in one call.
+
+    Conforms the ECGs as `prepare` does (bad records are skipped and listed), runs each
+    frozen backbone once (refused if its weights or config differ from the bundle's),
+    then the heads and the gate. Per ECG: each task's prediction (value; class and
+    probabilities; or decision at the validated threshold with its score), every
+    expert's own prediction, the gate weights and the repairs applied.
+    """
+    from pipeline.feature_cache import CacheError
+    from pipeline.signal_store import SignalStoreError
+    from stages.extract.backbones import WeightsError
+    from stages.predict.bundle import BundleError
+    from stages.predict.run import metrics_path, run_predict
+    from stages.prepare.records import RecordError
+    from stages.prepare.sources import SourceError
+
+    for item in [*(weights or []), *(option or [])]:
+        if "=" not in item:
+            _fail(f"{item!r}: use KEY=VALUE")
+    pairs = dict(item.split("=", 1) for item in weights or [])
+    options = dict(item.split("=", 1) for item in option or [])
+    try:
+        summary = run_predict(model, source, root, out, labels=labels, work=work,
+                              weights=pairs, seed=seed, device=device, options=options)
+    except (BundleError, CacheError, WeightsError, SourceError, RecordError,
+            SignalStoreError, ValueError, RuntimeError) as err:
+        _fail(str(err))
+    for record in summary["skipped"]:
+        typer.secho(f"skipped {record['record_id']}: {record['reason']}",
+                    fg=typer.colors.YELLOW)
+    reused = [b for b, status in summary["extract"].items() if status == "up to date"]
+    built = [b for b in summary["extract"] if b not in reused]
+    parts = ([f"reused cached features of {', '.join(reused)}"] if reused else []) + (
+        [f"computed {', '.join(built)}"] if built else [])
+    typer.echo(f"prepare: {summary['prepare']}; features: {'; '.join(parts)}")
+    n_skipped = len(summary["skipped"])
+    typer.echo(f"wrote {summary['records']} predictions ({n_skipped} record"
+               f"{'' if n_skipped == 1 else 's'} skipped) to {out} in {summary['seconds']} s")
+    for task, m in summary["metrics"].items():
+        typer.echo(f"{task}: " + ", ".join(f"{k} {v:.3f}" for k, v in m.items()
+                                           if isinstance(v, float)) + f" (n={m['n']})")
+    if summary["metrics"]:
+        typer.echo(f"metrics: {metrics_path(out)}")
+
+
+@app.command()
 def report(
     params: ParamsOption = Path("params.yaml"),
     out: Annotated[Path, typer.Option(help="Folder for summary.md and plots/.")] = Path("reports"),

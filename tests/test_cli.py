@@ -7,7 +7,7 @@ runner = CliRunner()
 
 
 @pytest.mark.parametrize("command", [[], ["synth"], ["prepare"], ["extract"],
-                                     ["fit-ensemble"], ["report"]])
+                                     ["fit-ensemble"], ["report"], ["export"], ["predict"]])
 def test_help_works(command):
     result = runner.invoke(app, [*command, "--help"])
     assert result.exit_code == 0
