@@ -47,3 +47,26 @@ class InputContract:
             std = x.std(axis=-1, keepdims=True)
             x = (x - mean) / np.maximum(std, 1e-3)
         return np.ascontiguousarray(x, dtype=np.float32)
+
+    def resampler(self, n_in: int) -> np.ndarray:
+        """The (n_in, length) matrix of ``apply``'s resampling: it is linear, so this is it."""
+        if n_in == self.length:
+            return np.eye(n_in, dtype=np.float32)
+        ratio = Fraction(self.length, n_in)
+        return resample_poly(np.eye(n_in), ratio.numerator, ratio.denominator,
+                             axis=-1)[:, : self.length].astype(np.float32)
+
+    def apply_torch(self, signals, store_leads: tuple[str, ...], resampler=None):
+        """``apply`` on a (B, 12, L) tensor, differentiable (saliency through the contract);
+        pass ``resampler(L)`` as a tensor to reuse it."""
+        import torch
+
+        x = signals[:, [store_leads.index(lead) for lead in self.leads]]
+        if x.shape[-1] != self.length:
+            matrix = resampler if resampler is not None else torch.from_numpy(
+                self.resampler(x.shape[-1]))
+            x = x @ matrix.to(x)
+        if self.normalise == "zscore":
+            std = x.std(dim=-1, keepdim=True, unbiased=False).clamp_min(1e-3)
+            x = (x - x.mean(dim=-1, keepdim=True)) / std
+        return x

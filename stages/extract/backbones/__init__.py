@@ -9,6 +9,7 @@ module that decorates a ``Backbone`` subclass with ``@register("name")``.
 from __future__ import annotations
 
 import abc
+import dataclasses
 import hashlib
 import json
 import re
@@ -44,6 +45,9 @@ class Backbone(abc.ABC):
     defaults: ClassVar[dict[str, Any]] = {}
     needs_weights: ClassVar[bool] = True
     zero_row_is_failure: ClassVar[bool] = False  # measured experts: all-zero = not measurable
+    # Instance normalisation inside the model with detached statistics (MOMENT's RevIN)
+    # hides from gradients how the output depends on a lead's level and scale.
+    detached_normalisation: ClassVar[bool] = False
     hub_example: ClassVar[str] = "a local folder"
 
     def __init__(self, model: dict[str, Any] | None = None, per_lead: bool = False):
@@ -60,6 +64,14 @@ class Backbone(abc.ABC):
     @abc.abstractmethod
     def contract(self) -> InputContract:
         """The input form the model was trained on."""
+
+    def saliency_contract(self) -> InputContract:
+        """The contract for gradients: a model that normalises each lead with detached
+        statistics gets z-scored input first (differentiably), which leaves its output
+        unchanged and its gradient exact."""
+        if self.detached_normalisation and self.contract.normalise == "none":
+            return dataclasses.replace(self.contract, normalise="zscore")
+        return self.contract
 
     @abc.abstractmethod
     def arrays(self) -> list[ArraySpec]:
@@ -149,6 +161,10 @@ class BeatBackbone(WeightlessBackbone):
     @abc.abstractmethod
     def record_features(self, signal: np.ndarray, peaks: np.ndarray, fs: int) -> np.ndarray:
         """The feature row of one (12, L) record in mV given its R-peak indices."""
+
+    @abc.abstractmethod
+    def feature_names(self) -> list[str]:
+        """A name per feature (what ``explain`` reports contributions of)."""
 
     def features(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         from stages.prepare.rpeaks import beat_sequence

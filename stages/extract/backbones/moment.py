@@ -38,6 +38,7 @@ def _pipeline_class():
 class Moment(Backbone):
     defaults = {"d_model": 64, "num_layers": 2, "num_heads": 4, "d_ff": 128}
     hub_example = "a hub id (e.g. AutonLab/MOMENT-1-large) or a local folder"
+    detached_normalisation = True  # momentfm's RevIN detaches its mean and std
 
     @property
     def contract(self) -> InputContract:

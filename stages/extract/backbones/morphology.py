@@ -39,6 +39,7 @@ import numpy as np
 from scipy.signal import butter, sosfiltfilt
 
 from pipeline.feature_cache import ArraySpec
+from pipeline.leads import STANDARD_LEADS
 from stages.extract.backbones import BeatBackbone, register
 from stages.prepare.rpeaks import MIN_BEATS
 
@@ -134,6 +135,8 @@ def measure(beat: np.ndarray, fs: int, rr_ms: float | None = None) -> dict:
     j60 = min(offset + round(0.06 * fs), beat.shape[1] - 1)
     qrs = x[:, onset: offset + 1]
     return {
+        "fiducials": {"p_onset": p_onset if p_present else None, "qrs_onset": onset,
+                      "qrs_offset": offset, "t_peak": t_peak, "t_end": t_end},
         "pr": (onset - p_onset) * ms if p_present else 0.0,
         "qrs": (offset - onset) * ms,
         "qt": (t_end - onset) * ms,
@@ -143,18 +146,28 @@ def measure(beat: np.ndarray, fs: int, rr_ms: float | None = None) -> dict:
     }
 
 
+def delineate(signal: np.ndarray, peaks: np.ndarray, fs: int
+              ) -> tuple[np.ndarray, dict, float] | None:
+    """(median beat, ``measure``'s result, mean RR in ms) of a (12, L) record, or None when
+    too few beats or a NaN leave nothing to measure."""
+    if len(peaks) < MIN_BEATS or not np.isfinite(signal).all():
+        return None  # a filter would spread one NaN over the lead
+    signal = sosfiltfilt(_filters(fs)[0], signal, axis=1)
+    beat = median_beat(signal, np.sort(peaks), fs)
+    if beat is None:
+        return None
+    rr = float(np.diff(np.sort(peaks)).mean() * 1000 / fs)
+    return beat, measure(beat, fs, rr), rr
+
+
 def morphology_features(signal: np.ndarray, peaks: np.ndarray, fs: int) -> np.ndarray:
     n_leads = signal.shape[0]
     width = round((BEFORE_S + AFTER_S) * fs)
     size = len(GLOBAL) + len(PER_LEAD) * n_leads + n_leads * -(-width // SHAPE_STEP)
-    if len(peaks) < MIN_BEATS or not np.isfinite(signal).all():
-        return np.zeros(size, dtype=np.float32)  # a filter would spread one NaN over the lead
-    signal = sosfiltfilt(_filters(fs)[0], signal, axis=1)
-    beat = median_beat(signal, np.sort(peaks), fs)
-    if beat is None:
+    found = delineate(signal, peaks, fs)
+    if found is None:
         return np.zeros(size, dtype=np.float32)
-    rr = float(np.diff(np.sort(peaks)).mean() * 1000 / fs)
-    m = measure(beat, fs, rr)
+    beat, m, rr = found
     qtc = m["qt"] / (rr / 1000) ** (1 / 3)
     head = [rr, m["pr"], m["qrs"], m["qt"], qtc, m["p_present"], m["t_peakedness"]]
     leads = np.concatenate([m[k] for k in PER_LEAD])
@@ -172,3 +185,10 @@ class Morphology(BeatBackbone):
 
     def record_features(self, signal: np.ndarray, peaks: np.ndarray, fs: int) -> np.ndarray:
         return morphology_features(signal, peaks, fs)
+
+    def feature_names(self) -> list[str]:
+        fs = self.config["fs"]
+        steps = range(-(-round((BEFORE_S + AFTER_S) * fs) // SHAPE_STEP))
+        return [*GLOBAL, *(f"{k}_{lead}" for k in PER_LEAD for lead in STANDARD_LEADS),
+                *(f"beat_{lead}_{round(t * SHAPE_STEP * 1000 / fs - BEFORE_S * 1000):+d}ms"
+                  for lead in STANDARD_LEADS for t in steps)]

@@ -67,3 +67,6 @@ class Rhythm(BeatBackbone):
 
     def record_features(self, signal: np.ndarray, peaks: np.ndarray, fs: int) -> np.ndarray:
         return rhythm_features(peaks, fs)
+
+    def feature_names(self) -> list[str]:
+        return list(FEATURES)
