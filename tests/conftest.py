@@ -52,3 +52,55 @@ def small_prepared(tmp_path_factory) -> Path:
     out = root.parent / "prepared"
     prepare("synthetic", root, out, PrepareParams(workers=0))
     return out
+
+
+PROJECT_PARAMS = """
+synth: {out: raw, n: 90, seed: 3}
+data: {source: synthetic, root: raw}
+prepare: {out: prepared, workers: 0}
+extract: {out: cache, device: cpu, shard_rows: 32}
+backbones:
+  dlinear: {per_lead: true, batch_size: 64, model: {seq_len: 500, pred_len: 4, kernel: 25}}
+  gate: {model: {leads: [II], length: 500}}
+  rhythm: {}
+  morphology: {}
+fit:
+  backbones: [dlinear, rhythm, morphology]
+  inputs: {dlinear: per_lead}
+  gate_inputs: [gate, rhythm]
+  evaluation: split
+  seeds: 2
+  max_epochs: 8
+  oof_folds: 3
+  bootstrap: 50
+tasks: [rr, sex, ad]
+"""
+
+
+def cli_ok(args: list[str]) -> str:
+    """Run a `pipeline` command in-process; fail the test with its output if it fails."""
+    from typer.testing import CliRunner
+
+    from pipeline.cli import app
+
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    return result.output
+
+
+@pytest.fixture(scope="session")
+def trained_project(tmp_path_factory) -> Path:
+    """A small project trained through the command line (synth, prepare, extract, fit,
+    export), holding ``bundle/``; the working directory is restored."""
+    root = tmp_path_factory.mktemp("project")
+    (root / "params.yaml").write_text(PROJECT_PARAMS)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(root)
+        cli_ok(["synth"])
+        cli_ok(["prepare"])
+        for backbone in ("dlinear", "gate", "rhythm", "morphology"):
+            cli_ok(["extract", "--backbone", backbone])
+        for task in ("rr", "sex", "ad"):
+            cli_ok(["fit-ensemble", "--task", task])
+        cli_ok(["export", "--out", "bundle"])
+    return root

@@ -7,7 +7,8 @@ runner = CliRunner()
 
 
 @pytest.mark.parametrize("command", [[], ["synth"], ["prepare"], ["extract"],
-                                     ["fit-ensemble"], ["report"], ["export"], ["predict"]])
+                                     ["fit-ensemble"], ["report"], ["export"], ["predict"],
+                                     ["explain"]])
 def test_help_works(command):
     result = runner.invoke(app, [*command, "--help"])
     assert result.exit_code == 0

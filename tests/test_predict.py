@@ -1,7 +1,7 @@
 """A trained ensemble used on new ECGs: export a bundle, predict with it from anywhere.
 
-One small project is trained once through the command line (synth, prepare, extract, fit,
-export); the tests then predict with its bundle.
+The small project of ``conftest.trained_project`` (synth, prepare, extract, fit and export
+through the command line) is predicted with its bundle.
 """
 
 from __future__ import annotations
@@ -16,53 +16,10 @@ import pytest
 from typer.testing import CliRunner
 
 from pipeline.cli import app
+from tests.conftest import PROJECT_PARAMS, cli_ok
 
 runner = CliRunner()
 TASKS = ["rr", "sex", "ad"]
-PARAMS = """
-synth: {out: raw, n: 90, seed: 3}
-data: {source: synthetic, root: raw}
-prepare: {out: prepared, workers: 0}
-extract: {out: cache, device: cpu, shard_rows: 32}
-backbones:
-  dlinear: {per_lead: true, batch_size: 64, model: {seq_len: 500, pred_len: 4, kernel: 25}}
-  gate: {model: {leads: [II], length: 500}}
-  rhythm: {}
-  morphology: {}
-fit:
-  backbones: [dlinear, rhythm, morphology]
-  inputs: {dlinear: per_lead}
-  gate_inputs: [gate, rhythm]
-  evaluation: split
-  seeds: 2
-  max_epochs: 8
-  oof_folds: 3
-  bootstrap: 50
-tasks: [rr, sex, ad]
-"""
-
-
-def _ok(args: list[str]) -> str:
-    result = runner.invoke(app, args)
-    assert result.exit_code == 0, result.output
-    return result.output
-
-
-@pytest.fixture(scope="module")
-def project(tmp_path_factory) -> Path:
-    """A trained project folder holding ``bundle/`` (the working directory is restored)."""
-    root = tmp_path_factory.mktemp("project")
-    (root / "params.yaml").write_text(PARAMS)
-    with pytest.MonkeyPatch.context() as patch:
-        patch.chdir(root)
-        _ok(["synth"])
-        _ok(["prepare"])
-        for backbone in ("dlinear", "gate", "rhythm", "morphology"):
-            _ok(["extract", "--backbone", backbone])
-        for task in TASKS:
-            _ok(["fit-ensemble", "--task", task])
-        _ok(["export", "--out", "bundle"])
-    return root
 
 
 def _predict(cwd: Path, bundle: Path, root: Path, out: Path, *extra: str):
@@ -73,7 +30,8 @@ def _predict(cwd: Path, bundle: Path, root: Path, out: Path, *extra: str):
                                    *extra])
 
 
-def test_the_bundle_holds_models_metrics_fingerprints_and_a_card(project):
+def test_the_bundle_holds_models_metrics_fingerprints_and_a_card(trained_project):
+    project = trained_project
     bundle = project / "bundle"
     manifest = json.loads((bundle / "bundle.json").read_text())
     assert list(manifest["tasks"]) == TASKS
@@ -87,7 +45,8 @@ def test_the_bundle_holds_models_metrics_fingerprints_and_a_card(project):
     assert "Random-weight backbones (dlinear)" in card and "| rr | held-out test split" in card
 
 
-def test_predict_on_the_training_ecgs_equals_the_fit_stage(project, tmp_path):
+def test_predict_on_the_training_ecgs_equals_the_fit_stage(trained_project, tmp_path):
+    project = trained_project
     """Every task's prediction, its experts' outputs and the gate weights, to 1e-5."""
     out = tmp_path / "preds.parquet"
     result = _predict(project, project / "bundle", project / "raw", out)
@@ -120,7 +79,8 @@ def test_predict_on_the_training_ecgs_equals_the_fit_stage(project, tmp_path):
     assert metrics["rr"]["n"] == len(truth) and len(metrics["rr"]["ci"]["mae"]) == 2
 
 
-def test_a_second_call_reuses_prepared_signals_and_features(project, tmp_path):
+def test_a_second_call_reuses_prepared_signals_and_features(trained_project, tmp_path):
+    project = trained_project
     out = tmp_path / "again.parquet"
     work = tmp_path / "work"
     first = _predict(project, project / "bundle", project / "raw", out, "--work", str(work))
@@ -132,10 +92,11 @@ def test_a_second_call_reuses_prepared_signals_and_features(project, tmp_path):
     assert "reused cached features of dlinear, rhythm, morphology, gate\n" in second.output
 
 
-def test_a_copied_bundle_predicts_new_ecgs_without_the_training_data(project, tmp_path):
+def test_a_copied_bundle_predicts_new_ecgs_without_the_training_data(trained_project, tmp_path):
+    project = trained_project
     elsewhere = tmp_path / "elsewhere"
     shutil.copytree(project / "bundle", elsewhere / "model")
-    _ok(["synth", "--out", str(tmp_path / "new"), "--n", "12", "--seed", "8",
+    cli_ok(["synth", "--out", str(tmp_path / "new"), "--n", "12", "--seed", "8",
          "--params", str(tmp_path / "none.yaml")])
     record = next((tmp_path / "new").rglob("*.dat"))
     record.write_bytes(record.read_bytes()[:100])  # truncated: skipped and named, not fatal
@@ -151,7 +112,8 @@ def test_a_copied_bundle_predicts_new_ecgs_without_the_training_data(project, tm
     assert (elsewhere / "cache" / "predict").is_dir()  # work stays beside the caller
 
 
-def test_a_backbone_with_other_weights_is_refused_with_the_differences(project, tmp_path):
+def test_a_backbone_with_other_weights_is_refused_with_the_differences(trained_project, tmp_path):
+    project = trained_project
     from stages.extract.backbones import create_backbone
 
     backbone = create_backbone("dlinear", {"seq_len": 500, "pred_len": 4, "kernel": 25},
@@ -166,11 +128,11 @@ def test_a_backbone_with_other_weights_is_refused_with_the_differences(project, 
     assert not (tmp_path / "w" / "cache" / "dlinear.zarr").exists()
 
 
-def test_export_and_predict_say_what_is_missing(project, tmp_path):
+def test_export_and_predict_say_what_is_missing(tmp_path):
     result = runner.invoke(app, ["predict", "--model", str(tmp_path), "--root", str(tmp_path),
                                  "--out", str(tmp_path / "p.parquet")])
     assert result.exit_code == 1 and "not a model bundle" in result.output
-    (tmp_path / "params.yaml").write_text(PARAMS)
+    (tmp_path / "params.yaml").write_text(PROJECT_PARAMS)
     with pytest.MonkeyPatch.context() as patch:
         patch.chdir(tmp_path)
         result = runner.invoke(app, ["export", "--out", "b", "--task", "rr"])

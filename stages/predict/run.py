@@ -47,7 +47,7 @@ def _listing(root: Path) -> str:
     return h.hexdigest()[:16]
 
 
-def _prepared(bundle: Bundle, source: str, root: Path, labels: Path | None, options: dict,
+def prepare_new_ecgs(bundle: Bundle, source: str, root: Path, labels: Path | None, options: dict,
               work: Path) -> tuple[Path, str]:
     """The prepared new ECGs, reused when the same request was prepared before."""
     request = {"source": source, "root": str(root.resolve()),
@@ -155,7 +155,7 @@ def run_predict(bundle_dir: Path, source: str, root: Path, out: Path,
         raise ValueError(f"--weights names backbone(s) {', '.join(unknown)} that the bundle "
                          f"does not use ({', '.join(bundle.manifest['backbones'])})")
     work = Path(work) if work else default_work(source, root, bundle_dir)
-    prepared, prepare_status = _prepared(bundle, source, Path(root), labels, options or {},
+    prepared, prepare_status = prepare_new_ecgs(bundle, source, Path(root), labels, options or {},
                                          work)
     cohort = pd.read_parquet(prepared / COHORT)
     skipped = pd.read_csv(prepared / SKIPPED)
