@@ -61,11 +61,12 @@ prepare: {out: prepared, workers: 0}
 extract: {out: cache, device: cpu, shard_rows: 32}
 backbones:
   dlinear: {per_lead: true, batch_size: 64, model: {seq_len: 500, pred_len: 4, kernel: 25}}
+  tempo: {batch_size: 64, model: {d_model: 8, layers: 1, heads: 2, lora_r: 2, pred_len: 8}}
   gate: {model: {leads: [II], length: 500}}
   rhythm: {}
   morphology: {}
 fit:
-  backbones: [dlinear, rhythm, morphology]
+  backbones: [dlinear, tempo, rhythm, morphology]
   inputs: {dlinear: per_lead}
   gate_inputs: [gate, rhythm]
   evaluation: split
@@ -98,7 +99,7 @@ def trained_project(tmp_path_factory) -> Path:
         patch.chdir(root)
         cli_ok(["synth"])
         cli_ok(["prepare"])
-        for backbone in ("dlinear", "gate", "rhythm", "morphology"):
+        for backbone in ("dlinear", "tempo", "gate", "rhythm", "morphology"):
             cli_ok(["extract", "--backbone", backbone])
         for task in ("rr", "sex", "ad"):
             cli_ok(["fit-ensemble", "--task", task])

@@ -145,13 +145,14 @@ def test_explain_writes_figures_arrays_and_gaps_for_the_largest_errors(trained_p
     assert set(summary) == {"rr", "ad"}
     for task, records in summary.items():
         (record, entries), = records.items()
-        assert set(entries) == {"dlinear", "rhythm", "morphology", "ensemble"}
+        assert set(entries) == {"dlinear", "tempo", "rhythm", "morphology", "ensemble"}
         assert entries["rhythm"]["method"] == "feature contributions"
         assert entries["ensemble"]["held_fixed"] == ["rhythm", "morphology"]
         for entry in entries.values():
             assert entry["completeness_gap"] < 0.05
         arrays = np.load(folder / task / f"{record}.npz")
-        assert arrays["dlinear"].shape == arrays["ensemble"].shape == (12, 5000)
+        assert arrays["dlinear"].shape == arrays["tempo"].shape == (12, 5000)
+        assert arrays["ensemble"].shape == (12, 5000)
         assert arrays["morphology"].shape == (1015,)
         for name in entries:
             assert (folder / task / f"{record}_{name}.png").stat().st_size > 10_000

@@ -35,14 +35,15 @@ def test_the_bundle_holds_models_metrics_fingerprints_and_a_card(trained_project
     bundle = project / "bundle"
     manifest = json.loads((bundle / "bundle.json").read_text())
     assert list(manifest["tasks"]) == TASKS
-    assert set(manifest["backbones"]) == {"dlinear", "gate", "rhythm", "morphology"}
+    assert set(manifest["backbones"]) == {"dlinear", "tempo", "gate", "rhythm", "morphology"}
     assert manifest["backbones"]["dlinear"]["fingerprint"]["weights_digest"]
     assert manifest["tasks"]["ad"]["classes"] and manifest["tasks"]["rr"]["seeds"] == [0, 1]
     for task in TASKS:
         assert {p.name for p in (bundle / task).iterdir()} == {"seed0.pt", "seed1.pt",
                                                                "metrics.json"}
     card = (bundle / "MODEL_CARD.md").read_text()
-    assert "Random-weight backbones (dlinear)" in card and "| rr | held-out test split" in card
+    assert "Random-weight backbones (dlinear, tempo)" in card
+    assert "| rr | held-out test split" in card
 
 
 def test_predict_on_the_training_ecgs_equals_the_fit_stage(trained_project, tmp_path):
@@ -89,7 +90,7 @@ def test_a_second_call_reuses_prepared_signals_and_features(trained_project, tmp
     second = _predict(project, project / "bundle", project / "raw", out, "--work", str(work))
     assert second.exit_code == 0, second.output
     assert "prepare: reused" in second.output
-    assert "reused cached features of dlinear, rhythm, morphology, gate\n" in second.output
+    assert "reused cached features of dlinear, tempo, rhythm, morphology, gate\n" in second.output
 
 
 def test_a_copied_bundle_predicts_new_ecgs_without_the_training_data(trained_project, tmp_path):

@@ -46,7 +46,7 @@ class BundleError(RuntimeError):
 def _git_commit() -> str | None:
     try:
         done = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                              text=True, timeout=10, check=True)
+                              text=True, timeout=10, check=True, cwd=Path(__file__).parent)
     except (OSError, subprocess.SubprocessError):
         return None
     return done.stdout.strip() or None
