@@ -274,10 +274,15 @@ def export(
     fingerprints and how to rebuild their features, the prepare settings, and a model
     card. Backbone weights are referenced, not copied.
     """
-    from stages.predict.bundle import BundleError, export_bundle
+    from stages.predict.bundle import BundleError, export_bundle, skipped_tasks
 
     cfg = _params(params)
     tasks = list(cfg.tasks) if task == "all" else [task]
+    if task == "all":  # a task the fit stage skipped (no labels) is left out, and said so
+        for name, reason in skipped_tasks(tasks, cfg).items():
+            typer.secho(f"{name}: not exported - the fit stage skipped it ({reason})",
+                        fg=typer.colors.YELLOW)
+            tasks.remove(name)
     try:
         manifest = export_bundle(tasks, cfg, out)
     except BundleError as err:
@@ -334,7 +339,7 @@ def predict(
         summary = run_predict(model, source, root, out, labels=labels, work=work,
                               weights=pairs, seed=seed, device=device, options=options)
     except (BundleError, CacheError, WeightsError, SourceError, RecordError,
-            SignalStoreError, ValueError, RuntimeError) as err:
+            SignalStoreError, ValueError, RuntimeError, FileNotFoundError) as err:
         _fail(str(err))
     for record in summary["skipped"]:
         typer.secho(f"skipped {record['record_id']}: {record['reason']}",
@@ -369,11 +374,16 @@ def explain(
                                               "prepared as `predict` does (default: the "
                                               "training cohort of params prepare.out).")] = None,
     source: Annotated[str, typer.Option(help="Source adapter of --root.")] = "folder",
+    labels: Annotated[Path | None, typer.Option(help="Label tables of --root, as for "
+                                                "`prepare` (the folder source's record "
+                                                "list).")] = None,
+    option: Annotated[list[str] | None, typer.Option(help="Source option KEY=VALUE of "
+                                                     "--root (repeatable).")] = None,
     weights: Annotated[list[str] | None, typer.Option(help="BACKBONE=PATH, as for "
                                                       "`predict`.")] = None,
     seed: Annotated[int | None, typer.Option(help="Saved seed's model (default: the "
                                              "first).")] = None,
-    device: Annotated[str, typer.Option(help="cpu | cuda[:N]")] = "cpu",
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda[:N]")] = "auto",
     params: ParamsOption = Path("params.yaml"),
 ) -> None:
     """Integrated-gradient saliency of each expert and of the gated ensemble on ECGs.
@@ -388,28 +398,31 @@ def explain(
     from pipeline.feature_cache import CacheError
     from stages.explain.run import run_explain
     from stages.extract.backbones import WeightsError
+    from stages.extract.run import resolve_device
     from stages.predict.bundle import Bundle, BundleError
     from stages.predict.run import default_work, prepare_new_ecgs
+    from stages.prepare.records import RecordError
     from stages.prepare.sources import SourceError
 
     cfg = _params(params)
-    for item in weights or []:
+    for item in [*(weights or []), *(option or [])]:
         if "=" not in item:
-            _fail(f"{item!r}: use BACKBONE=PATH")
+            _fail(f"{item!r}: use KEY=VALUE")
     pairs = dict(item.split("=", 1) for item in weights or [])
+    options = dict(item.split("=", 1) for item in option or [])
+    if root is not None and top:
+        _fail("--top ranks the fit stage's test predictions; with --root pass --record")
     try:
         if root is not None:
-            if top:
-                _fail("--top ranks the fit stage's test predictions; with --root pass --record")
-            prepared, _ = prepare_new_ecgs(Bundle.load(model), source, root, None, {},
+            prepared, _ = prepare_new_ecgs(Bundle.load(model), source, root, labels, options,
                                            default_work(source, root, model))
             predictions = None
         else:
             prepared, predictions = Path(cfg.prepare.out), Path(cfg.fit.predictions)
         summary = run_explain(model, prepared, out, record, top, predictions, task, seed,
-                              pairs, Path(cfg.extract.out), device)
-    except (BundleError, CacheError, WeightsError, SourceError, ValueError,
-            FileNotFoundError) as err:
+                              pairs, Path(cfg.extract.out), str(resolve_device(device)))
+    except (BundleError, CacheError, WeightsError, SourceError, RecordError, ValueError,
+            FileNotFoundError, RuntimeError) as err:
         _fail(str(err))
     for name, records in summary.items():
         for rec, entries in records.items():

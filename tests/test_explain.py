@@ -96,6 +96,14 @@ def test_attribution_falls_on_the_segment_the_target_depends_on(normalise, small
         assert inside.mean() > 10 * magnitude[lead_ii, ~segment].mean()
 
 
+def test_an_output_with_no_path_from_the_input_gets_zero_attribution():
+    """A combiner reading only measured experts (or a constant) has nothing to attribute."""
+    x = torch.randn(12, 100)
+    values, gap, steps, fx, fb = integrated_gradients(lambda z: z.new_full((len(z),), 3.0), x,
+                                                      torch.zeros_like(x))
+    assert not values.any() and gap == 0.0 and steps == 0 and fx == fb == 3.0
+
+
 @pytest.mark.parametrize("contract", [InputContract(512, normalise="zscore"), InputContract(336),
                                       InputContract(500, leads=("II",), normalise="zscore"),
                                       InputContract(5000, normalise="zscore")])

@@ -129,6 +129,22 @@ def test_a_backbone_with_other_weights_is_refused_with_the_differences(trained_p
     assert not (tmp_path / "w" / "cache" / "dlinear.zarr").exists()
 
 
+def test_export_all_leaves_out_a_task_the_fit_stage_skipped(trained_project, tmp_path):
+    for folder in ("metrics", "models"):
+        shutil.copytree(trained_project / folder, tmp_path / folder)
+    (tmp_path / "params.yaml").write_text(PROJECT_PARAMS)
+    (tmp_path / "metrics" / "ad.json").write_text(json.dumps(
+        {"task": "ad", "skipped": "no ad labels in the train split"}))
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(tmp_path)
+        output = cli_ok(["export", "--out", "b"])
+        failed = runner.invoke(app, ["export", "--out", "c", "--task", "ad"])
+    assert "ad: not exported - the fit stage skipped it" in output
+    assert list(json.loads((tmp_path / "b" / "bundle.json").read_text())["tasks"]) == [
+        "rr", "sex"]
+    assert failed.exit_code == 1 and "skipped by the fit stage" in failed.output
+
+
 def test_export_and_predict_say_what_is_missing(tmp_path):
     result = runner.invoke(app, ["predict", "--model", str(tmp_path), "--root", str(tmp_path),
                                  "--out", str(tmp_path / "p.parquet")])

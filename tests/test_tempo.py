@@ -147,7 +147,8 @@ def test_both_peft_spellings_and_the_extra_tensors_of_training_runs_load(tmp_pat
              torch.zeros(1, 7), f"{GPT}h.0.attn.bias": torch.ones(1, 1, 1024, 1024).tril()}
     other = tmp_path / "old"
     other.mkdir()
-    torch.save({**old, **extra}, other / "renamed.pth")
+    torch.save({"module." + k: v for k, v in {**old, **extra}.items()},  # DataParallel
+               other / "renamed.pth")
     (other / CONFIG).write_bytes((folder / CONFIG).read_bytes())
     with torch.inference_mode():
         got = _load(other).features(x)  # a folder with one .pth and TEMPO's config.json

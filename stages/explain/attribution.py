@@ -30,7 +30,9 @@ import numpy as np
 import torch
 from scipy.ndimage import uniform_filter1d
 
+from pipeline.feature_cache import feature_differences
 from stages.extract.backbones import BeatBackbone, WeightsError, create_backbone
+from stages.extract.feature_code import code_digest
 from stages.fit.features import GATE
 from stages.fit.model import mix
 from stages.fit.tasks import TASKS
@@ -101,15 +103,17 @@ class Explainer:
                     if backbone.needs_weights else "none")
             backbone.setup(path, self.device)
             want = bundle.manifest["backbones"][name]["fingerprint"]
-            if backbone.weights_digest() != want["weights_digest"]:
-                raise WeightsError(f"backbone {name}: weights digest "
-                                   f"{backbone.weights_digest()} differs from the model's "
-                                   f"{want['weights_digest']}; pass the weights it was "
-                                   "trained with (--weights NAME=PATH)")
+            have = {"weights_digest": backbone.weights_digest(), "model": backbone.config,
+                    "contract": backbone.contract.describe(),
+                    "code_digest": code_digest(backbone)}
+            differences = feature_differences({k: want.get(k) for k in have}, have)
+            if differences:
+                raise WeightsError(f"backbone {name} does not compute the features the model "
+                                   f"was trained on: {'; '.join(differences)}")
             self.backbones[name] = backbone
             fingerprints[name] = want
         self.model, self.saved = bundle.model(task, seed, fingerprints)
-        self.model.to(self.device)
+        self.model.to(self.device).requires_grad_(False)  # outputs need grad only via x
         self.scaling = {k: (m.to(self.device), s.to(self.device))
                         for k, (m, s) in self.saved["feature_scaling"].items()}
         self._resamplers: dict[tuple[str, int], torch.Tensor] = {}
@@ -136,11 +140,11 @@ class Explainer:
             return self._fixed[name].expand(len(x), -1)
         backbone = self.backbones[name]
         key = (name, x.shape[-1])
-        if key not in self._resamplers:
+        if key not in self._resamplers and x.shape[-1] != backbone.contract.length:
             self._resamplers[key] = torch.from_numpy(
                 backbone.contract.resampler(x.shape[-1])).to(self.device)
         inputs = backbone.saliency_contract().apply_torch(x, self.store_leads,
-                                                          self._resamplers[key])
+                                                          self._resamplers.get(key))
         array = self.inputs.get(name, "features") if name in self.experts else "features"
         return backbone.features(inputs)[array].flatten(1).float()
 
@@ -212,6 +216,9 @@ def integrated_gradients(function, x: torch.Tensor, baseline: torch.Tensor,
     ig = IntegratedGradients(function)
     with torch.no_grad():
         fx, fb = float(function(x[None])[0]), float(function(baseline[None])[0])
+    if not function(x[None].clone().requires_grad_(True)).requires_grad:
+        # no path from the input (a constant, or a combiner reading only measured experts)
+        return np.zeros(tuple(x.shape), dtype=np.float32), 0.0, 0, fx, fb
     for steps in STEPS:
         values, delta = ig.attribute(x[None], baselines=baseline[None], n_steps=steps,
                                      internal_batch_size=16, return_convergence_delta=True)

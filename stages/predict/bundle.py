@@ -33,6 +33,7 @@ from pipeline.params import BackboneParams, Params
 from pipeline.staging import staged_dir
 from stages.fit.model import Ensemble
 from stages.fit.run import load_model
+from stages.fit.tasks import TASKS
 
 FORMAT = 1
 MANIFEST, CARD = "bundle.json", "MODEL_CARD.md"
@@ -61,7 +62,7 @@ def _task_entry(task: str, cfg: Params) -> tuple[dict, list[Path]]:
     metrics = json.loads(metrics_path.read_text())
     if metrics.get("skipped"):
         raise BundleError(f"task {task} was skipped by the fit stage ({metrics['skipped']}); "
-                          "leave it out of --task")
+                          "export the others")
     seeds = sorted((Path(cfg.fit.models) / task).glob("seed*.pt"),
                    key=lambda p: int(p.stem.removeprefix("seed")))
     if not seeds:
@@ -74,9 +75,24 @@ def _task_entry(task: str, cfg: Params) -> tuple[dict, list[Path]]:
     return entry, seeds
 
 
+def skipped_tasks(tasks: list[str], cfg: Params) -> dict[str, str]:
+    """The tasks the fit stage skipped (no labels, too few subjects), with its reason."""
+    out = {}
+    for task in tasks:
+        path = Path(cfg.fit.metrics) / f"{task}.json"
+        if path.exists() and (reason := json.loads(path.read_text()).get("skipped")):
+            out[task] = reason
+    return out
+
+
 def export_bundle(tasks: list[str], cfg: Params, out: Path) -> dict:
     """Write the bundle of ``tasks`` from the fit stage's outputs to ``out`` (swapped in
     whole); returns its manifest."""
+    unknown = [t for t in tasks if t not in TASKS]
+    if unknown:
+        raise BundleError(f"unknown task(s) {', '.join(unknown)}; known: {', '.join(TASKS)}")
+    if not tasks:
+        raise BundleError("no task to export (the fit stage skipped every one)")
     entries, copies, fingerprints = {}, [], {}
     for task in tasks:
         entry, seeds = _task_entry(task, cfg)
@@ -156,7 +172,12 @@ def model_card(manifest: dict, metrics: dict[str, dict]) -> str:
                      f"{fp['weights_digest']}), input {fp['contract']['length']} samples per "
                      f"lead, normalise {fp['contract']['normalise']}")
     lines += ["", "Intervals: subject bootstrap over the evaluated ECGs, 95 %. Each task's "
-              "`metrics.json` holds every baseline.", ""]
+              "`metrics.json` holds every baseline."]
+    if any(m["evaluation"]["mode"] == "cv" for m in metrics.values()):
+        lines += ["", "Cross-validated tasks: the metrics estimate the fitting procedure, from "
+                  "models that never saw the evaluated subjects; the exported model is that "
+                  "procedure refitted on the cohort's own train/val split."]
+    lines.append("")
     return "\n".join(lines)
 
 

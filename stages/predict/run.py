@@ -36,8 +36,12 @@ REQUEST = "request.json"
 
 
 def _listing(root: Path) -> str:
-    """Digest of the files under ``root`` (names, sizes, times): changed input, new work."""
+    """Digest of the files under ``root``, or of ``root`` itself when it is a file (names,
+    sizes, times): a changed input means new work."""
     h = hashlib.sha256()
+    if root.is_file():
+        stat = root.stat()
+        return f"{stat.st_size}-{stat.st_mtime_ns}"
     for folder, dirs, files in sorted(os.walk(root)):
         dirs.sort()
         for name in sorted(files):
@@ -52,6 +56,7 @@ def prepare_new_ecgs(bundle: Bundle, source: str, root: Path, labels: Path | Non
     """The prepared new ECGs, reused when the same request was prepared before."""
     request = {"source": source, "root": str(root.resolve()),
                "labels": str(labels.resolve()) if labels else None, "options": options,
+               "labels_listing": _listing(labels) if labels and labels.exists() else None,
                "listing": _listing(root), "prepare": bundle.manifest["prepare"]}
     out = work / "prepared"
     done = out / REQUEST
@@ -78,7 +83,11 @@ def _task_columns(bundle: Bundle, task: str, seed: int, cache: Path, cohort: pd.
                       saved["feature_scaling"].items()}
     rows = np.arange(len(cohort))
     mixture, outputs, weights = forward(model, source, rows, 256)
-    features = source.take(rows, entry["experts"]) if "linear" in saved["combiner"] else None
+    features = None
+    if "linear" in saved["combiner"]:  # a chosen linear probe reads its expert's features
+        expert = saved["combiner"]["expert"]
+        features = {expert: np.concatenate([batch[expert] for _, batch in source.batches(
+            rows, 4096, None, [expert])])}
     combined = apply_spec(saved["combiner"], outputs, mixture, model.classification, features)
     columns: dict[str, np.ndarray] = {}
     if spec.kind == "regression":
@@ -133,8 +142,11 @@ def _metrics(task: str, columns: dict[str, np.ndarray], cohort: pd.DataFrame, sa
     subjects = cohort["subject_id"].astype(str).to_numpy()[labelled]
     ci = intervals(spec.metric, y[labelled], {"ensemble": decision[labelled][None]},
                    subjects, "ensemble")["ensemble"]["ci"]
-    return {"n": int(labelled.sum()), "subjects": len(np.unique(subjects)),
-            **values, "ci": {spec.metric: ci}}
+    out = {"n": int(labelled.sum()), "subjects": len(np.unique(subjects)),
+           **values, "ci": {spec.metric: ci}}
+    if task == "rr" and "rr_derived" in cohort:  # RR read from our own R-peaks, not a label
+        out["truth_derived_from_rpeaks"] = int(cohort["rr_derived"].to_numpy()[labelled].sum())
+    return out
 
 
 def run_predict(bundle_dir: Path, source: str, root: Path, out: Path,
@@ -188,6 +200,8 @@ def run_predict(bundle_dir: Path, source: str, root: Path, out: Path,
     if summary["metrics"]:
         with staged_file(metrics_path(Path(out))) as tmp:
             tmp.write_text(json.dumps(summary["metrics"], indent=2) + "\n")
+    else:  # an earlier run's metrics must not sit beside these predictions
+        metrics_path(Path(out)).unlink(missing_ok=True)
     return summary
 
 

@@ -69,7 +69,8 @@ PROMPT_IDS = {
 }
 PEFT_PREFIX = "gpt2_trend.base_model.model."
 # Saved by some training runs, never read by TEMPO's forward (prompt pool off, mse loss).
-UNUSED = ("prompt_key_dict.", "prompt_value_dict.", "summary_map.", "mu.", "sigma.", "nu.")
+UNUSED = ("prompt_key_dict.", "prompt_value_dict.", "summary_map.", "mu.", "sigma.", "nu.",
+          "alpha.")
 # Published shape: TEMPO's config.json (seq_len 336, pred_len 96, patch 16, stride 8,
 # d_model 768, gpt_layers 6) and its code's LoRA (r 16, alpha 16) on GPT-2's 12 heads.
 PUBLISHED = {"d_model": 768, "layers": 6, "heads": 12, "lora_r": 16, "lora_alpha": 16,
@@ -240,10 +241,10 @@ class TEMPOBackbone(Backbone):
         if not path.exists() and looks_like_hub_id(weights):
             path = self._download(weights)
         if path.is_dir():
-            found = sorted(path.glob("*.pth"))
+            found = [path / WEIGHTS] if (path / WEIGHTS).exists() else sorted(path.glob("*.pth"))
             if len(found) != 1:
-                raise WeightsError(f"{path} holds {len(found)} .pth files; pass the TEMPO "
-                                   f"checkpoint file itself (e.g. {WEIGHTS})")
+                raise WeightsError(f"{path} holds {len(found)} .pth files and no {WEIGHTS}; "
+                                   "pass the TEMPO checkpoint file itself")
             path = found[0]
         if not path.is_file():
             raise self.missing(weights)
@@ -258,7 +259,8 @@ class TEMPOBackbone(Backbone):
             raise WeightsError(f"cannot read TEMPO checkpoint {path}: {err}") from err
         if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
             raise WeightsError(f"{path} is not a bare state dict: pass TEMPO's {WEIGHTS}")
-        state = {k.removeprefix("module."): v for k, v in state.items()
+        state = {k.removeprefix("module."): v for k, v in state.items()}
+        state = {k: v for k, v in state.items()
                  if not k.startswith(UNUSED) and not re.search(r"\.attn\.(masked_)?bias$", k)}
         renamed = {canonical(k): v.float() for k, v in state.items()}
         origin = {canonical(k): k for k in state}
