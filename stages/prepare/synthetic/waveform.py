@@ -255,7 +255,6 @@ class _Physiology:
     u_delay: float
     leads: np.ndarray
     rsa: float
-    axis: float = 0.0
     st_depression: float = 0.0
     pvc: _Physiology | None = None
     pac_p: _Wave | None = None
@@ -473,7 +472,7 @@ def _draw_physiology(heart: Heart, rng: np.random.Generator) -> _Physiology:
     phys = _Physiology(
         pr=pr, p_dur=p_dur, qrs=qrs, qtc=qtc, p_waves=p_waves, qrs_waves=qrs_waves,
         fiducial=fiducial, t_vector=t, t_width=1.0, st_vector=st, u_vector=np.zeros(3),
-        u_delay=rng.uniform(0.05, 0.09), leads=lead_matrix(body), rsa=rsa, axis=axis,
+        u_delay=rng.uniform(0.05, 0.09), leads=lead_matrix(body), rsa=rsa,
         st_depression=depth,
     )
     _apply_potassium(phys, heart.potassium, body.k_sensitivity, rng)
