@@ -56,11 +56,7 @@ def run_explain(bundle_dir: Path, prepared: Path, out: Path, records: list[str] 
                 seed: int | None = None, weights: dict[str, str] | None = None,
                 cache_dir: Path = Path("cache"), device: str = "cpu") -> dict:
     bundle = Bundle.load(bundle_dir)
-    tasks = tasks or bundle.tasks
-    unknown = sorted(set(tasks) - set(bundle.tasks))
-    if unknown:
-        raise ValueError(f"the bundle has no model for {', '.join(unknown)} "
-                         f"(it has {', '.join(bundle.tasks)})")
+    tasks = bundle.select(tasks)
     cohort = pd.read_parquet(Path(prepared) / "cohort.parquet")
     index = {r: i for i, r in enumerate(cohort["record_id"].astype(str))}
     chosen = {}

@@ -208,6 +208,14 @@ class Bundle:
     def task(self, name: str) -> dict:
         return self.manifest["tasks"][name]
 
+    def select(self, tasks: list[str] | None) -> list[str]:
+        """``tasks`` checked against the bundle's (all of them when None)."""
+        unknown = sorted(set(tasks or []) - set(self.tasks))
+        if unknown:
+            raise ValueError(f"the bundle has no model for {', '.join(unknown)} "
+                             f"(it has {', '.join(self.tasks)})")
+        return list(tasks or self.tasks)
+
     def backbone_params(self, name: str, weights: str | None = None) -> BackboneParams:
         """Extraction settings that rebuild the features the model was trained on."""
         entry = self.manifest["backbones"][name]

@@ -157,11 +157,7 @@ def run_predict(bundle_dir: Path, source: str, root: Path, out: Path,
     """Predict every task of the bundle for the ECGs of ``root``; returns a summary."""
     started = time.perf_counter()
     bundle = Bundle.load(bundle_dir)
-    tasks = tasks or bundle.tasks
-    unknown = sorted(set(tasks) - set(bundle.tasks))
-    if unknown:
-        raise ValueError(f"the bundle has no model for {', '.join(unknown)} "
-                         f"(it has {', '.join(bundle.tasks)})")
+    tasks = bundle.select(tasks)
     unknown = sorted(set(weights or {}) - set(bundle.manifest["backbones"]))
     if unknown:
         raise ValueError(f"--weights names backbone(s) {', '.join(unknown)} that the bundle "
