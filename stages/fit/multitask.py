@@ -10,8 +10,6 @@ in single-task training). Early stopping watches the summed validation losses.
 
 from __future__ import annotations
 
-import copy
-
 import numpy as np
 import pandas as pd
 import torch
@@ -24,7 +22,7 @@ from stages.fit.features import GATE, FeatureSource, load_features
 from stages.fit.model import HIDDEN_LAYERS, Gate, ModelConfig
 from stages.fit.run import _aggregate, _Method, _model_config, _objective, cohort_digest
 from stages.fit.tasks import TASKS, Targets, encode
-from stages.fit.train import Objective
+from stages.fit.train import BestState, Objective
 
 
 def make_trunk(d_in: int, config: ModelConfig) -> nn.Module:
@@ -82,7 +80,7 @@ def _train(model, source: FeatureSource, objectives, targets, rows, params: FitP
     optimiser = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad],
                                   lr=params.lr, weight_decay=params.weight_decay)
     rng = np.random.default_rng(seed)
-    best, best_state, stale = float("inf"), None, 0
+    keeper = BestState(model, params.patience)
     for _ in range(params.max_epochs):
         model.train()
         for chunk, data in source.batches(rows["train"], params.batch_size, rng):
@@ -94,15 +92,9 @@ def _train(model, source: FeatureSource, objectives, targets, rows, params: FitP
         with torch.no_grad():
             parts = [float(_loss(model, data, chunk, objectives, targets)) * len(chunk)
                      for chunk, data in source.batches(rows["val"], params.batch_size, None)]
-        current = sum(parts) / max(len(rows["val"]), 1)
-        if current < best - 1e-6:
-            best, best_state, stale = current, copy.deepcopy(model.state_dict()), 0
-        else:
-            stale += 1
-            if stale >= params.patience:
-                break
-    model.load_state_dict(best_state)
-    model.eval()
+        if keeper.stop(model, sum(parts) / max(len(rows["val"]), 1)):
+            break
+    keeper.restore(model)
 
 
 def _predict(model, source: FeatureSource, rows: np.ndarray, batch_size: int

@@ -83,6 +83,26 @@ def _val_loss(model: Ensemble, source: FeatureSource, objective: Objective, rows
     return total / max(count, 1)
 
 
+class BestState:
+    """The state with the lowest validation loss so far; early stopping after ``patience``
+    epochs without improvement."""
+
+    def __init__(self, model: torch.nn.Module, patience: int, loss: float = float("inf")):
+        self.patience, self.loss, self.stale = patience, loss, 0
+        self.state = copy.deepcopy(model.state_dict())
+
+    def stop(self, model: torch.nn.Module, loss: float) -> bool:
+        if loss < self.loss - 1e-6:
+            self.loss, self.state, self.stale = loss, copy.deepcopy(model.state_dict()), 0
+            return False
+        self.stale += 1
+        return self.stale >= self.patience
+
+    def restore(self, model: torch.nn.Module) -> None:
+        model.load_state_dict(self.state)
+        model.eval()
+
+
 def train(model: Ensemble, source: FeatureSource, objective: Objective, train_rows: np.ndarray,
           val_rows: np.ndarray, params: FitParams, seed: int) -> dict:
     """Fit ``model`` in place, restore its best validation state; returns a short history."""
@@ -92,8 +112,9 @@ def train(model: Ensemble, source: FeatureSource, objective: Objective, train_ro
     batch_size = batch_size_for(len(train_rows), params.batch_size)
     source.hold(val_rows)  # read once, not once per epoch, when the features stream
     model.eval()  # the starting point competes too (a warm-started head may be best)
-    best = _val_loss(model, source, objective, val_rows, params.batch_size)
-    best_state, stale, epochs = copy.deepcopy(model.state_dict()), 0, 0
+    keeper = BestState(model, params.patience,
+                       _val_loss(model, source, objective, val_rows, params.batch_size))
+    epochs = 0
     while epochs < params.max_epochs:
         epochs += 1
         model.train()
@@ -104,16 +125,10 @@ def train(model: Ensemble, source: FeatureSource, objective: Objective, train_ro
             loss.backward()
             optimiser.step()
         model.eval()
-        current = _val_loss(model, source, objective, val_rows, params.batch_size)
-        if current < best - 1e-6:
-            best, best_state, stale = current, copy.deepcopy(model.state_dict()), 0
-        else:
-            stale += 1
-            if stale >= params.patience:
-                break
-    model.load_state_dict(best_state)
-    model.eval()
-    return {"epochs": epochs, "best_val_loss": best}
+        if keeper.stop(model, _val_loss(model, source, objective, val_rows, params.batch_size)):
+            break
+    keeper.restore(model)
+    return {"epochs": epochs, "best_val_loss": keeper.loss}
 
 
 def predict(model: Ensemble, source: FeatureSource, rows: np.ndarray, batch_size: int
