@@ -240,49 +240,62 @@ def test_roc_and_confusion_arithmetic():
     np.testing.assert_allclose(matrix, [[1, 0, 0], [0.5, 0.5, 0], [0, 1, 0]])
 
 
-def test_multitask_section_when_present(tmp_path):
-    metrics = tmp_path / "metrics"
+def _report_of(root: Path, files: dict[str, dict]) -> str:
+    """The report's text for a metrics folder holding just ``files`` (name -> JSON)."""
+    metrics = root / "metrics"
     metrics.mkdir()
-    (metrics / "rr.json").write_text(json.dumps({"task": "rr", "skipped": "no labels"}))
-    (metrics / "multitask.json").write_text(json.dumps({"tasks": {
-        "age": {"metric": "mae", "n_test": 10, "multitask": {"mae": {"mean": 9.5, "std": 0.25}},
-                "single_task": {"mae": {"mean": 9.0, "std": 0.1}}},
-        "ka": {"metric": "f1", "n_test": 10, "multitask": {"f1": {"mean": 0.4, "std": 0.1}},
-               "single_task": None}}}))
-    text = write_report(metrics, tmp_path / "predictions", tmp_path / "out").read_text()
+    for name, content in files.items():
+        (metrics / name).write_text(json.dumps(content))
+    return write_report(metrics, root / "predictions", root / "out").read_text()
+
+
+def test_multitask_section_when_present(tmp_path):
+    text = _report_of(tmp_path, {
+        "rr.json": {"task": "rr", "skipped": "no labels"},
+        "multitask.json": {"tasks": {
+            "age": {"metric": "mae", "n_test": 10,
+                    "multitask": {"mae": {"mean": 9.5, "std": 0.25}},
+                    "single_task": {"mae": {"mean": 9.0, "std": 0.1}}},
+            "ka": {"metric": "f1", "n_test": 10, "multitask": {"f1": {"mean": 0.4, "std": 0.1}},
+                   "single_task": None}}}})
     assert "## Multi-task model vs single-task ensembles" in text
     assert "| age (mae ↓) | 9.50 ± 0.25 | 9.00 ± 0.10 |" in text
     assert "| ka (f1 ↑) | 0.400 ± 0.100 | not comparable |" in text
 
 
 def test_variants_section_bolds_the_best_and_adds_multitask(tmp_path):
-    metrics = tmp_path / "metrics"
-    metrics.mkdir()
-    (metrics / "ka.json").write_text(json.dumps({"task": "ka", "skipped": "no labels"}))
-    (metrics / "variants.json").write_text(json.dumps({
-        "seeds": [0, 1], "variants": {"enecg": {}, "moe": {"backbones": ["a", "rhythm"]}},
-        "tasks": {"rr": {"metric": "mae", "variants": {
-            "enecg": {"mae": {"mean": 62.7, "std": 1.0}},
-            "moe": {"mae": {"mean": 4.8, "std": 0.2}}}},
-                  "ka": {"metric": "f1", "variants": {}, "skipped": "no ka labels"}}}))
-    (metrics / "multitask.json").write_text(json.dumps({"tasks": {
-        "rr": {"metric": "mae", "n_test": 5, "multitask": {"mae": {"mean": 65.0, "std": 1.0}},
-               "single_task": None}}}))
-    text = write_report(metrics, tmp_path / "predictions", tmp_path / "out").read_text()
+    text = _report_of(tmp_path, {
+        "ka.json": {"task": "ka", "skipped": "no labels"},
+        "variants.json": {
+            "seeds": [0, 1], "variants": {"enecg": {}, "moe": {"backbones": ["a", "rhythm"]}},
+            "tasks": {"rr": {"metric": "mae", "variants": {
+                "enecg": {"mae": {"mean": 62.7, "std": 1.0}},
+                "moe": {"mae": {"mean": 4.8, "std": 0.2}}}},
+                      "ka": {"metric": "f1", "variants": {}, "skipped": "no ka labels"}}},
+        "multitask.json": {"tasks": {
+            "rr": {"metric": "mae", "n_test": 5,
+                   "multitask": {"mae": {"mean": 65.0, "std": 1.0}}, "single_task": None}}}})
     assert "## ECG-MoE variants: the ensemble per task" in text
     assert "| rr (mae ↓) | 62.7 ± 1.0 | **4.80 ± 0.20** | 65.0 ± 1.0 |" in text
     assert "| ka (skipped) | — | — | — |" in text
     assert "`moe`: backbones=['a', 'rhythm']" in text
 
 
-def test_intervals_differences_and_cross_validation_are_reported(tmp_path):
-    metrics_dir, predictions_dir = _write_inputs(tmp_path, random=False)
+def _report_with_rr(root: Path, edit) -> str:
+    """The report's text after ``edit`` changed rr's metrics in place."""
+    metrics_dir, predictions_dir = _write_inputs(root, random=False)
     rr = json.loads((metrics_dir / "rr.json").read_text())
-    rr["methods"]["ensemble"]["mae"]["ci"] = [6.5, 7.9]
-    rr["vs_ensemble"] = {"timesnet": {"mean": 0.877, "ci": [0.2, 1.5]}}
-    rr["evaluation"] = {"mode": "cv", "folds": 5, "n_evaluated": 197}
+    edit(rr)
     (metrics_dir / "rr.json").write_text(json.dumps(rr))
-    text = write_report(metrics_dir, predictions_dir, tmp_path / "out").read_text()
+    return write_report(metrics_dir, predictions_dir, root / "out").read_text()
+
+
+def test_intervals_differences_and_cross_validation_are_reported(tmp_path):
+    def edit(rr):
+        rr["methods"]["ensemble"]["mae"]["ci"] = [6.5, 7.9]
+        rr["vs_ensemble"] = {"timesnet": {"mean": 0.877, "ci": [0.2, 1.5]}}
+        rr["evaluation"] = {"mode": "cv", "folds": 5, "n_evaluated": 197}
+    text = _report_with_rr(tmp_path, edit)
     assert "**7.12 ± 0.31 [6.50, 7.90]**" in text  # the headline, with its interval
     assert "rr 5-fold subject CV over 197 ECGs" in text
     assert "age the test split (20 ECGs)" in text
@@ -290,11 +303,8 @@ def test_intervals_differences_and_cross_validation_are_reported(tmp_path):
 
 
 def test_the_chosen_combiner_is_named_per_task(tmp_path):
-    metrics_dir, predictions_dir = _write_inputs(tmp_path, random=False)
-    rr = json.loads((metrics_dir / "rr.json").read_text())
-    rr["combiner"] = {"setting": "select", "chosen": {"gate": 2, "rhythm": 13}, "cv_loss": {}}
-    (metrics_dir / "rr.json").write_text(json.dumps(rr))
-    text = write_report(metrics_dir, predictions_dir, tmp_path / "out").read_text()
+    text = _report_with_rr(tmp_path, lambda rr: rr.update(combiner={
+        "setting": "select", "chosen": {"gate": 2, "rhythm": 13}, "cv_loss": {}}))
     assert "chosen afresh in every fit: rhythm in 13 of 15, gate in 2 of 15." in text
     assert text.count("chosen afresh in every fit") == 1  # the other tasks carry no choice
 
