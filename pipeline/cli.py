@@ -184,14 +184,21 @@ def fit_ensemble(
     seeds: Annotated[int | None, typer.Option(help="Number of seeds (fresh model and "
                                               "optimiser each).")] = None,
     adapter: Annotated[str | None, typer.Option(help="lora (EnECG) | full")] = None,
+    device: Annotated[str | None, typer.Option(help="auto | cpu | cuda[:N] (default: params "
+                                               "fit.device; auto picks a GPU when present)."
+                                               )] = None,
     params: ParamsOption = Path("params.yaml"),
 ) -> None:
     """Train the experts' LoRA heads and the MoE gate for one task from cached features.
+
+    Every head of the fit (experts x cross-fitting folds x seeds) trains in one batched
+    pass over the cached rows, on the CPU or a GPU (`--device`).
 
     Writes metrics/TASK.json (ensemble and baselines, mean ± std over seeds),
     predictions/TASK.parquet (test split) and models/TASK/. A task without labels in the
     cohort is reported and skipped.
     """
+    from pipeline.device import resolve_device
     from pipeline.feature_cache import CacheError
     from pipeline.params import TASKS
     from stages.fit.run import TaskSkipped, fit_task, write_skipped
@@ -207,6 +214,12 @@ def fit_ensemble(
         fit.seeds = seeds
     if adapter is not None:
         fit.adapter = adapter
+    if device is not None:
+        fit.device = device
+    try:
+        resolve_device(fit.device)
+    except RuntimeError as err:
+        _fail(str(err))
     if task == "all":
         _fit_all(fit, Path(cfg.prepare.out) / "cohort.parquet", Path(cfg.extract.out),
                  cfg.tasks)
@@ -395,10 +408,10 @@ def explain(
     Rhythm and morphology experts are not differentiable: their feature contributions
     are shown instead.
     """
+    from pipeline.device import resolve_device
     from pipeline.feature_cache import CacheError
     from stages.explain.run import run_explain
     from stages.extract.backbones import WeightsError
-    from stages.extract.run import resolve_device
     from stages.predict.bundle import Bundle, BundleError
     from stages.predict.run import default_work, prepare_new_ecgs
     from stages.prepare.records import RecordError

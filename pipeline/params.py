@@ -109,6 +109,7 @@ class FitParams:
     max_epochs: int = 200
     patience: int = 15
     max_memory_gb: float = 4.0
+    device: str = "auto"
     evaluation: str = "auto"
     cv_folds: int = 5
     cv_max_ecgs: int = 2000

@@ -1,4 +1,5 @@
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from pipeline.cli import app
@@ -23,6 +24,10 @@ def test_stage_two_commands_fail_clearly(tmp_path):
     assert result.exit_code == 1 and "unknown task 'height'" in result.output
     result = runner.invoke(app, ["fit-ensemble", "--task", "rr", "--params", str(params)])
     assert result.exit_code == 1 and "cohort.parquet" in result.output
+    if not torch.cuda.is_available():  # a GPU asked for where there is none, said first
+        result = runner.invoke(app, ["fit-ensemble", "--task", "rr", "--device", "cuda",
+                                     "--params", str(params)])
+        assert result.exit_code == 1 and "no CUDA device" in result.output
     result = runner.invoke(app, ["report", "--params", str(params), "--out", str(tmp_path)])
     assert result.exit_code == 1 and "fit-ensemble" in result.output
 

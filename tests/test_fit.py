@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -268,6 +269,11 @@ def test_an_unchanged_variant_reuses_the_fit_stage_metrics(fake, tmp_path):
     result = compare_variants(params, {"same": {}}, ["rr"], root / "cohort.parquet",
                               root / "cache")
     assert result["tasks"]["rr"]["variants"]["same"]["mae"]["mean"] == -1.0
+    # a fit made with any other setting (here the heads' learning rate) is fitted anew
+    other = dataclasses.replace(params, lr=params.lr * 3)
+    result = compare_variants(other, {"same": {}}, ["rr"], root / "cohort.parquet",
+                              root / "cache")
+    assert result["tasks"]["rr"]["variants"]["same"]["mae"]["mean"] > 0
 
 
 def test_variants_cross_fit_shared_heads_once(fake, monkeypatch):
@@ -278,9 +284,9 @@ def test_variants_cross_fit_shared_heads_once(fake, monkeypatch):
     calls = []
     real = run.cross_fit
 
-    def counting(name, *args, **kwargs):
-        calls.append(name)
-        return real(name, *args, **kwargs)
+    def counting(jobs, *args, **kwargs):  # jobs: (expert, seed)
+        calls.extend(name for name, _ in jobs)
+        return real(jobs, *args, **kwargs)
 
     monkeypatch.setattr(run, "cross_fit", counting)
     params = _params(seeds=1)

@@ -38,7 +38,7 @@ def _choice(outputs: np.ndarray, y: np.ndarray, seed: int = 0) -> tuple[str, dic
     learners = Combiners(stacked, names, objective, source, val, ModelConfig(gate_hidden=8),
                          GATE_FIT, seed, 64).learners
     subjects = np.array([f"s{i // 2}" for i in range(len(y))])
-    per_row, scored = cross_validated_losses(learners, train, subjects, objective, 3, seed)
+    per_row, scored, _ = cross_validated_losses(learners, train, subjects, objective, 3, seed)
     return (choose(per_row, subjects[scored], "gate", 0.05),
             {name: float(loss.mean()) for name, loss in per_row.items()})
 
@@ -159,3 +159,44 @@ def test_a_saved_ensemble_reproduces_its_test_predictions(fake, tmp_path, monkey
     written = pd.read_parquet(tmp_path / "p" / "age.parquet").set_index("record_id")
     np.testing.assert_allclose(values, written.loc[cohort["record_id"].to_numpy()[test],
                                                    "prediction"].to_numpy(), rtol=1e-4)
+
+
+@pytest.mark.parametrize("n,p", [(300, 40), (50, 200)])
+def test_ridge_by_one_eigendecomposition_equals_ridgecv(n, p):
+    from stages.fit.combine import ALPHAS, ridge_gcv
+
+    rng = np.random.default_rng(p)
+    x = rng.normal(size=(n, p)) * rng.uniform(0.1, 3, p) + 2
+    y = 0.5 * x[:, 0] + x[:, 1] + 2 * rng.normal(size=n)
+    reference = RidgeCV(alphas=ALPHAS).fit(x, y)
+    coef, intercept = ridge_gcv(x, y)
+    np.testing.assert_allclose(coef, reference.coef_, rtol=1e-6, atol=1e-9)
+    assert intercept == pytest.approx(reference.intercept_, abs=1e-8)
+
+
+@pytest.mark.parametrize("n,d", [(600, 6), (40, 100)])  # tall, and wider than long
+def test_sparse_median_fits_solved_together_match_the_linear_program(n, d):
+    from sklearn.linear_model import QuantileRegressor
+
+    from stages.fit.probes import median_lasso
+
+    rng = np.random.default_rng(0)
+    y = rng.normal(size=n)
+    wrong = np.where(rng.random((n, d)) < 0.1, rng.normal(0, 2, (n, d)), 0.0)
+    noise = np.r_[0.01, np.full(d - 1, 0.3)]
+    x = y[:, None] + noise * rng.normal(size=(n, d)) + wrong
+    masks = np.ones((3, n), dtype=bool)
+    masks[1, : n // 3] = False
+    masks[2, 2 * n // 3:] = False
+    alphas = np.array([0.01, 0.03, 0.1])
+    coefs, intercepts = median_lasso(x, y, masks, alphas)
+    for mask, alpha, coef, intercept in zip(masks, alphas, coefs, intercepts, strict=True):
+        exact = QuantileRegressor(quantile=0.5, alpha=alpha, solver="highs").fit(x[mask],
+                                                                                y[mask])
+
+        def objective(c, i, a=alpha, m=mask):
+            return 0.5 * np.abs(y[m] - x[m] @ c - i).mean() + a * np.abs(c).sum()
+        best = objective(exact.coef_, exact.intercept_)
+        assert objective(coef, intercept) - best < 1e-3 * best  # within 0.1 % of the optimum
+        if d < n:  # wider than long, near-optimal coefficients are many: the objective counts
+            np.testing.assert_allclose(coef, exact.coef_, atol=1e-3)

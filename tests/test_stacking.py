@@ -16,15 +16,15 @@ from pipeline.params import FitParams
 from stages.fit.bootstrap import intervals, metric_value
 from stages.fit.combine import (
     Stacker,
-    apply_weighting,
+    apply_weightings,
     confidence_weights,
-    fit_weighting,
+    fit_weightings,
     fixed_mixture,
     greedy_weights,
 )
 from stages.fit.crossfit import cross_fit_probe, group_folds
 from stages.fit.features import GATE, FeatureSource
-from stages.fit.model import Gate, ModelConfig
+from stages.fit.model import ModelConfig
 from stages.fit.probes import linear_probe
 from stages.fit.run import cv_rows, fit_task
 from stages.fit.train import Objective
@@ -91,48 +91,56 @@ def test_an_expert_that_measures_the_target_is_not_drowned_by_noisy_ones(noisy):
 
 @pytest.mark.parametrize("combiner", ["select", "gate"])
 def test_no_combiner_learns_from_rows_its_experts_were_fitted_on(noisy, monkeypatch, combiner):
+    import stages.fit.run as run
+
     root, _, _ = noisy
-    predicted: list[tuple[set, np.ndarray]] = []
+    plans: list[list[set]] = []  # per pass: the rows each head (member) was fitted on
+    passes: list[dict] = []  # per pass: each expert's assembled outputs
     learnt: dict[str, list[np.ndarray]] = {}
-    real_fit, real_predict = crossfit._fit_head, crossfit.predict
+    real_train, real_predict, real_cross = (crossfit.train_banks, crossfit.predict_banks,
+                                            run.cross_fit)
 
-    def spy_fit(name, dim, source, objective, fit_rows, *args, **kw):
-        model = real_fit(name, dim, source, objective, fit_rows, *args, **kw)
-        model.spy_fitted_on = set(fit_rows.tolist())
-        return model
+    def spy_train(banks, reader, criterion, train, val, **kw):
+        plans.append([set(rows.tolist()) for rows in train])
+        return real_train(banks, reader, criterion, train, val, **kw)
 
-    def spy_predict(model, source, rows, batch_size):
-        predicted.append((model.spy_fitted_on, rows.copy()))
-        return real_predict(model, source, rows, batch_size)
+    def spy_predict(banks, reader, rows, batch_size):  # each head outputs its own index
+        out = real_predict(banks, reader, rows, batch_size)
+        return torch.arange(len(out), dtype=out.dtype)[:, None, None].expand_as(out).clone()
+
+    def spy_cross(*args, **kwargs):
+        passes.append(real_cross(*args, **kwargs))
+        return passes[-1]
 
     def spy_learner(method: str):
         real = getattr(select.Combiners, method)
 
-        def learn(self, rows, targets):
-            learnt.setdefault(method, []).append(rows.copy())
-            return real(self, rows, targets)
+        def learn(self, *args):  # the gate fits a list of jobs at once, the rest one
+            fitted_on = [job[0] for job in args[0]] if method == "_gate" else [args[0]]
+            learnt.setdefault(method, []).extend(rows.copy() for rows in fitted_on)
+            return real(self, *args)
         return learn
 
-    monkeypatch.setattr(crossfit, "_fit_head", spy_fit)
-    monkeypatch.setattr(crossfit, "predict", spy_predict)
+    monkeypatch.setattr(crossfit, "train_banks", spy_train)
+    monkeypatch.setattr(crossfit, "predict_banks", spy_predict)
+    monkeypatch.setattr(run, "cross_fit", spy_cross)
     for method in ("_gate", "_stacking", "_greedy", "_median"):
         monkeypatch.setattr(select.Combiners, method, spy_learner(method))
     fit_task("rr", _params(evaluation="split", bootstrap=0, combiner=combiner),
              root / "cohort.parquet", root / "cache", baselines=False)
-    train = set(np.flatnonzero(pq.read_table(root / "cohort.parquet")["split"].to_numpy()
-                               == "train").tolist())
-    covered = set()
-    for fitted_on, rows in predicted:
-        rows = set(rows.tolist())
-        assert not rows & fitted_on  # no head ever predicts a row it was fitted on
-        covered |= rows & train
-    assert covered == train  # every training row has an out-of-fold output
+    train = np.flatnonzero(pq.read_table(root / "cohort.parquet")["split"].to_numpy()
+                           == "train")
+    assert len(passes) == 1  # every head of the fit, of every seed, in one pass
+    for fits in passes[0].values():
+        heads = fits.outputs[train, 0].astype(int)  # which head predicted each training row
+        for row, head in zip(train, heads, strict=True):
+            assert row not in plans[0][head]  # no head predicts a row it was fitted on
     expected = {"_gate", "_stacking", "_greedy", "_median"} if combiner == "select" \
         else {"_gate"}
     assert set(learnt) == expected
     for calls in learnt.values():  # combiners learn from training rows' OOF outputs only
-        assert all(set(rows.tolist()) <= train for rows in calls)
-    assert set(learnt["_gate"][-1].tolist()) == train  # the gate kept is fitted on them all
+        assert all(set(rows.tolist()) <= set(train.tolist()) for rows in calls)
+    assert set(learnt["_gate"][-1].tolist()) == set(train.tolist())  # the gate kept: all
 
 
 def test_group_folds_and_cross_validation_keep_subjects_apart():
@@ -222,7 +230,6 @@ def test_linear_probe_reads_a_linear_feature():
 
 
 def test_a_gate_routes_each_sample_to_the_expert_its_input_says_is_right():
-    torch.manual_seed(0)
     rng = np.random.default_rng(0)
     n = 600
     y = rng.normal(size=n).astype(np.float32)
@@ -230,12 +237,13 @@ def test_a_gate_routes_each_sample_to_the_expert_its_input_says_is_right():
     noise = 2 * rng.normal(size=(n, 2)).astype(np.float32)
     outputs = np.stack([y + noise[:, 0] * which, y + noise[:, 1] * (1 - which)], axis=1)
     source = _source({GATE: np.stack([which, 1 - which], axis=1)})
-    gate = Gate(2, 2, 1, ModelConfig(gate_hidden=16))
-    fit_weighting(gate, lambda d: d[GATE], [GATE], source, outputs[..., None], _objective(y),
-                  np.arange(400), np.arange(400, 500), lr=0.01, weight_decay=0.0,
-                  batch_size=64, max_epochs=200, patience=20, prior=0.0, seed=0)
-    mixture, weights = apply_weighting(gate, lambda d: d[GATE], [GATE], source,
-                                       outputs[..., None], np.arange(500, 600), False, 64)
+    gates = fit_weightings(2, lambda d: d[GATE], [GATE], source, outputs[..., None],
+                           _objective(y), [np.arange(400)], np.arange(400, 500),
+                           ModelConfig(gate_hidden=16), 0, lr=0.01, weight_decay=0.0,
+                           batch_size=64, max_epochs=200, patience=20, prior=0.0)
+    mixture, weights = apply_weightings(gates, lambda d: d[GATE], [GATE], source,
+                                        outputs[..., None], np.arange(500, 600), False, 64)
+    mixture, weights = mixture[0], weights[0]
     assert np.abs(mixture[:, 0] - y[500:]).mean() < 0.1 < np.abs(outputs[500:] - y[500:, None]
                                                                   ).mean()
     assert (weights[:, 0] > 0.9).mean() > 0.9 * (which[500:] == 0).mean()
@@ -299,22 +307,28 @@ def test_too_few_subjects_for_cross_validation_skip_the_task_with_a_reason(noisy
         fit_task("rr", _params(), tmp_path / "cohort.parquet", root / "cache")
 
 
+def _start(x: np.ndarray, y: np.ndarray, fitted: np.ndarray, test: np.ndarray,
+           subjects: np.ndarray | None = None) -> np.ndarray:
+    """A regression head's output before training, its linear path set as the fit sets it."""
+    from stages.fit.bank import HeadBank
+    from stages.fit.probes import robust_linear
+
+    head = HeadBank(x.shape[1], 1, ModelConfig(hidden=8), [0])
+    head.set_skip(0, *robust_linear(x[fitted], y[fitted],
+                                    None if subjects is None else subjects[fitted]))
+    with torch.no_grad():
+        return head(torch.from_numpy(x[test].astype(np.float32)))[0, :, 0].numpy()
+
+
 def test_a_regression_head_starts_as_a_robust_fit_of_its_linear_path():
     """Gradient descent from 40 ECGs left a head far from the linear map a feature already
     gives; the head now starts there, and one grossly wrong label does not pull it away."""
-    from stages.fit.crossfit import _fit_head
-
     rng = np.random.default_rng(0)
     y = rng.normal(size=60).astype(np.float32)
     x = np.hstack([y[:, None], rng.normal(size=(60, 3))])
-    source = _source({"x": x, GATE: np.zeros((60, 1))})
     labels = y.copy()
     labels[0] = 40.0  # one label wildly off
-    params = FitParams(max_epochs=0, hidden=8)
-    model = _fit_head("x", 4, source, _objective(labels), np.arange(40), np.arange(40, 50),
-                      1, ModelConfig(hidden=8), params, seed=0)
-    from stages.fit.train import predict
-    out = predict(model, source, np.arange(50, 60), 16)[0][:, 0]
+    out = _start(x, labels, np.arange(40), np.arange(50, 60))
     np.testing.assert_allclose(out, y[50:], atol=0.05)
 
 
@@ -323,8 +337,6 @@ def test_a_head_whose_feature_measures_the_target_starts_near_the_read_off(monke
     (a missed or extra beat), 16 correlated ones are noisier. The sparse median fit keeps the one
     feature; ridge alone spreads weight over all and lands several times further off."""
     import stages.fit.probes as probes
-    from stages.fit.crossfit import _fit_head
-    from stages.fit.train import predict
 
     rng = np.random.default_rng(1)
     n = 200
@@ -336,16 +348,12 @@ def test_a_head_whose_feature_measures_the_target_starts_near_the_read_off(monke
     columns = [y + 0.01 * rng.normal(size=n) + gross(0.03)]
     columns += [y + 0.3 * rng.normal(size=n) + gross(0.2) for _ in range(16)]
     x = np.stack(columns, axis=1).astype(np.float32)
-    source = _source({"x": x, GATE: np.zeros((n, 1))})
     test = np.arange(150, 200)
     read_off = np.abs(x[test, 0] - y[test]).mean()
 
     def start_error() -> float:
-        model = _fit_head("x", 17, source, _objective(y.astype(np.float32)), np.arange(120),
-                          np.arange(120, 150), 1, ModelConfig(hidden=8),
-                          FitParams(max_epochs=0, hidden=8), seed=0,
-                          subjects=np.arange(n) // 2)
-        return float(np.abs(predict(model, source, test, 16)[0][:, 0] - y[test]).mean())
+        out = _start(x, y.astype(np.float32), np.arange(120), test, np.arange(n) // 2)
+        return float(np.abs(out - y[test]).mean())
 
     sparse = start_error()
     monkeypatch.setattr(probes, "LAD_MAX_CELLS", 0)  # ridge on clipped labels only

@@ -21,6 +21,7 @@ from distributed import as_completed
 from tqdm import tqdm
 
 from pipeline.dask_runtime import dask_client
+from pipeline.device import resolve_device
 from pipeline.feature_cache import (
     CacheBuilder,
     check_published,
@@ -34,15 +35,6 @@ from pipeline.signal_store import SignalStore
 from pipeline.staging import recover
 from stages.extract.backbones import RANDOM, Backbone, WeightsError, create_backbone
 from stages.extract.feature_code import code_digest
-
-
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise RuntimeError(f"--device {device} was requested but torch sees no CUDA device; "
-                           f"use --device cpu or auto")
-    return torch.device(device)
 
 
 @dataclass(frozen=True)

@@ -4,7 +4,7 @@ A variant is a set of ``fit:`` overrides (``variants:`` in params.yaml), e.g. mo
 or a phase-aware gate. Only the ensemble is fitted per variant (its seeds are the fit
 stage's, so the plain variant reproduces it); baselines stay with the fit stage. A variant
 that changes nothing reuses the fit stage's ``metrics/<task>.json`` when it was fitted with
-the same experts, gate inputs and seeds, instead of fitting the same ensemble again.
+every fit setting equal, instead of fitting the same ensemble again.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import json
 from pathlib import Path
 
 from pipeline.params import FitParams
-from stages.fit.run import TaskSkipped, fit_task
+from stages.fit.run import TaskSkipped, fit_settings, fit_task
 from stages.fit.tasks import TASKS
 
 
@@ -45,12 +45,11 @@ def compare_variants(params: FitParams, variants: dict[str, dict], tasks: list[s
 
 
 def _fitted(path: Path, fit: FitParams) -> dict | None:
-    """The fit stage's ensemble metrics, if ``path`` was made with these settings."""
+    """The fit stage's ensemble metrics, if ``path`` was made with every one of these fit
+    settings (any other, e.g. ``hidden``, ``lr`` or ``loss``, changes the ensemble)."""
     if not path.exists():
         return None
     metrics = json.loads(path.read_text())
-    same = (metrics.get("backbones") == list(fit.backbones)
-            and metrics.get("gate_inputs") == list(fit.gate_inputs)
-            and metrics.get("combiner", {}).get("setting") == fit.combiner
+    same = (metrics.get("settings") == json.loads(json.dumps(fit_settings(fit)))
             and metrics.get("seeds") == list(range(fit.seeds)))
     return metrics["methods"]["ensemble"] if same and metrics.get("methods") else None

@@ -17,11 +17,12 @@ import numpy as np
 import torch
 
 from pipeline.params import FitParams
+from stages.fit.bank import Banks, HeadBank, Reader, predict_banks, train_banks
 from stages.fit.combine import Linear
 from stages.fit.features import FeatureSource
-from stages.fit.model import Ensemble, ModelConfig
-from stages.fit.probes import warm_start
-from stages.fit.train import Objective, predict, train
+from stages.fit.model import ModelConfig
+from stages.fit.probes import robust_linear
+from stages.fit.train import Objective
 
 
 def group_folds(groups: np.ndarray, k: int, seed: int) -> np.ndarray:
@@ -50,39 +51,71 @@ class ExpertFit:
     head: torch.nn.Module
 
 
-def _fit_head(name: str, dim: int, source: FeatureSource, objective: Objective,
-              fit_rows: np.ndarray, val_rows: np.ndarray, d_out: int, config: ModelConfig,
-              params: FitParams, seed: int, subjects: np.ndarray | None = None) -> Ensemble:
-    torch.manual_seed(seed)
-    model = Ensemble({name: dim}, 1, d_out, objective.classification, config)
-    skip = model.heads[name].skip
-    if skip is not None and not objective.classification and source.in_memory:
-        warm_start(skip, source.take(fit_rows, [name])[name], objective.y[fit_rows],
-                   None if subjects is None else subjects[fit_rows])
-    train(model, source, objective, fit_rows, val_rows, params, seed)
-    return model
-
-
-def cross_fit(name: str, dim: int, source: FeatureSource, objective: Objective,
+def cross_fit(jobs: list[tuple[str, int]], source: FeatureSource, objective: Objective,
               rows: dict[str, np.ndarray], subjects: np.ndarray, d_out: int,
-              config: ModelConfig, params: FitParams, seed: int) -> ExpertFit:
-    """OOF outputs on ``rows['train']`` over ``params.oof_folds`` subject folds, then the
-    head refitted on all of them; ``rows['val']`` drives early stopping throughout."""
+              config: ModelConfig, params: FitParams, seed: int, device: torch.device
+              ) -> dict[tuple[str, int], ExpertFit]:
+    """For each job (expert, seed): OOF outputs on ``rows['train']`` over ``params.oof_folds``
+    subject folds, then the head refitted on all of them; ``rows['val']`` drives early
+    stopping throughout.
+
+    Every job's (folds + 1) heads are members of one ``Banks`` (a bank per expert, holding
+    that expert's jobs) trained in one pass over the training rows (``stages.fit.bank``).
+    A job's folds and its heads' initialisation come from its own seed; ``seed`` shuffles
+    the pass's batches.
+    """
     train_rows, val_rows = rows["train"], rows["val"]
-    outputs = np.zeros((source.n_rows, d_out), dtype=np.float32)
-    folds = group_folds(subjects[train_rows], params.oof_folds, seed)
-    for fold in range(folds.max() + 1):
-        held, fit_rows = train_rows[folds == fold], train_rows[folds != fold]
-        if len(fit_rows) == 0:
-            continue
-        model = _fit_head(name, dim, source, objective, fit_rows, val_rows, d_out, config,
-                          params, seed * 1000 + fold, subjects)
-        outputs[held] = predict(model, source, held, params.batch_size)[1][:, 0]
-    model = _fit_head(name, dim, source, objective, train_rows, val_rows, d_out, config,
-                      params, seed * 1000 + 999, subjects)
     others = np.concatenate([r for s, r in rows.items() if s != "train"])
-    outputs[others] = predict(model, source, others, params.batch_size)[1][:, 0]
-    return ExpertFit(outputs, model.heads[name])
+    members: dict[tuple[str, int], list[tuple[np.ndarray, np.ndarray]]] = {}
+    for name, job_seed in jobs:  # (rows fitted on, rows predicted) per member
+        folds = group_folds(subjects[train_rows], params.oof_folds, job_seed)
+        members[name, job_seed] = [(train_rows[folds != f], train_rows[folds == f])
+                                   for f in range(folds.max() + 1) if (folds != f).any()]
+        members[name, job_seed].append((train_rows, others))
+    names = list(dict.fromkeys(name for name, _ in jobs))
+    by_expert = {b: [job for job in jobs if job[0] == b] for b in names}
+    dims = source.dims()
+    banks = Banks({b: HeadBank(dims[b], d_out, config, [
+        job_seed * 1000 + (m if m < len(members[b, job_seed]) - 1 else 999)
+        for _, job_seed in by_expert[b] for m in range(len(members[b, job_seed]))])
+        for b in names})
+    order = [job for b in names for job in by_expert[b]]  # the members' order in ``banks``
+    fitted = [f for job in order for f, _ in members[job]]
+    if config.skip and not objective.classification and source.in_memory:
+        start, starts = 0, {}  # (expert, rows) -> its linear map: a refit's rows recur
+        for name, job_seed in order:
+            x = source.take(train_rows, [name])[name]
+            for m, (rows_m, _) in enumerate(members[name, job_seed]):
+                key = (name, rows_m.tobytes())
+                if key not in starts:
+                    at = np.searchsorted(train_rows, rows_m)
+                    starts[key] = robust_linear(x[at], objective.y[rows_m], subjects[rows_m])
+                banks.banks[name].set_skip(start + m - banks.offsets()[name], *starts[key])
+            start += len(members[name, job_seed])
+    banks.to(device)
+    reader = Reader(source, names, device)
+    if reader.resident is not None:
+        for b in names:
+            banks.banks[b].precompute(reader.resident[b])
+    train_banks(banks, reader, objective.criterion(device), fitted,
+                [val_rows] * len(fitted), lr=params.lr, weight_decay=params.weight_decay,
+                batch_size=params.batch_size, max_epochs=params.max_epochs,
+                patience=params.patience, seed=seed)
+    every = np.unique(np.concatenate(list(rows.values())))
+    out = predict_banks(banks, reader, every, params.batch_size)
+    if objective.classification:
+        out = out.softmax(dim=-1)
+    out = out.float().cpu().numpy()
+    banks.cpu()
+    result, start = {}, 0
+    for name, job_seed in order:
+        outputs = np.zeros((source.n_rows, d_out), dtype=np.float32)
+        for m, (_, predicted) in enumerate(members[name, job_seed]):
+            outputs[predicted] = out[start + m, np.searchsorted(every, predicted)]
+        last = start + len(members[name, job_seed]) - 1 - banks.offsets()[name]
+        result[name, job_seed] = ExpertFit(outputs, banks.banks[name].export(last))
+        start += len(members[name, job_seed])
+    return result
 
 
 @dataclass

@@ -91,9 +91,10 @@ class Gate(nn.Module):
 
 
 def mix(weights: torch.Tensor, outputs: torch.Tensor, classification: bool) -> torch.Tensor:
-    """Σ_i w_i ŷ_i over experts (dim 1); per-output weights keep a class mixture a
-    distribution by renormalising."""
-    mixture = (weights * outputs).sum(dim=1)
+    """Σ_i w_i ŷ_i over experts (the second-to-last axis: weights (..., B, E, 1 or k),
+    outputs (B, E, k)); per-output weights keep a class mixture a distribution by
+    renormalising."""
+    mixture = (weights * outputs).sum(dim=-2)
     if classification and weights.shape[-1] > 1:
         mixture = mixture / mixture.sum(dim=-1, keepdim=True)
     return mixture

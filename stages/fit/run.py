@@ -20,6 +20,7 @@ paired difference to the ensemble.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 from collections.abc import Callable
@@ -31,20 +32,21 @@ import pandas as pd
 import pyarrow.parquet as pq
 import torch
 
+from pipeline.device import resolve_device
 from pipeline.feature_cache import CacheError, feature_differences
 from pipeline.params import FitParams
 from pipeline.staging import staged_dir, staged_file
 from stages.fit.bootstrap import intervals
 from stages.fit.combine import (
-    apply_weighting,
+    apply_weightings,
     confidence_weights,
-    fit_weighting,
+    fit_weightings,
     fixed_mixture,
     greedy_weights,
 )
 from stages.fit.crossfit import cross_fit, cross_fit_probe, group_folds
 from stages.fit.features import GATE, FeatureSource, load_features
-from stages.fit.model import Ensemble, Gate, ModelConfig
+from stages.fit.model import Ensemble, ModelConfig
 from stages.fit.probes import linear_probe
 from stages.fit.select import GATE_NAME, PROBE, Combiners, choose, cross_validated_losses
 from stages.fit.tasks import TASKS, Targets, Task, best_f1_threshold, encode, score
@@ -143,16 +145,15 @@ class SplitFit:
 
 def _weight_generator(inputs: Callable, reads: list[str], d_in: int, stacked: np.ndarray,
                       source: FeatureSource, objective: Objective,
-                      rows: dict[str, np.ndarray], d_out: int, config: ModelConfig,
-                      params: FitParams, seed: int) -> dict[str, np.ndarray]:
+                      rows: dict[str, np.ndarray], config: ModelConfig, params: FitParams,
+                      seed: int) -> dict[str, np.ndarray]:
     """EnECG's sample-aware weight generator: the gate's network fed the experts' own
     features, fitted on out-of-fold outputs; its mixtures on val and test."""
-    torch.manual_seed(seed)
-    network = Gate(d_in, stacked.shape[1], d_out, config)
-    fit_weighting(network, inputs, reads, source, stacked, objective, rows["train"],
-                  rows["val"], seed=seed, **_gate_settings(params))
-    return {s: apply_weighting(network, inputs, reads, source, stacked, rows[s],
-                               objective.classification, params.batch_size)[0]
+    banks = fit_weightings(d_in, inputs, reads, source, stacked, objective, [rows["train"]],
+                           rows["val"], config, seed, device=resolve_device(params.device),
+                           **_gate_settings(params))
+    return {s: apply_weightings(banks, inputs, reads, source, stacked, rows[s],
+                                objective.classification, params.batch_size)[0][0]
             for s in ("val", "test")}
 
 
@@ -165,6 +166,25 @@ def _head_key(task: Task, name: str, seed: int, rows: dict[str, np.ndarray],
             params.adapter, params.lora_r, params.lora_alpha, params.lora_dropout,
             params.head_skip, params.loss, params.lr, params.weight_decay, params.batch_size,
             params.max_epochs, params.patience, params.oof_folds)
+
+
+def _heads(task: Task, objective: Objective, source: FeatureSource,
+           rows: dict[str, np.ndarray], subjects: np.ndarray, d_out: int, params: FitParams,
+           seeds: list[int], memo: dict | None) -> dict[int, dict]:
+    """Every expert's cross-fitted head for each of ``seeds`` on the same rows: those not in
+    ``memo`` trained together in one pass (``cross_fit``), then kept in ``memo``."""
+    names = list(params.backbones)
+    memo = {} if memo is None else memo
+    keys = {(b, seed): _head_key(task, b, seed * 100 + k, rows, params)
+            for seed in seeds for k, b in enumerate(names)}
+    missing = [(b, seed) for (b, seed), key in keys.items() if key not in memo]
+    if missing:
+        fitted = cross_fit([(b, seed * 100 + names.index(b)) for b, seed in missing], source,
+                           objective, rows, subjects, d_out, _model_config(params), params,
+                           min(seed for _, seed in missing), resolve_device(params.device))
+        memo.update({keys[b, seed]: fitted[b, seed * 100 + names.index(b)]
+                     for b, seed in missing})
+    return {seed: {b: memo[keys[b, seed]] for b in names} for seed in seeds}
 
 
 def fit_split(task: Task, targets: Targets, source: FeatureSource, rows: dict[str, np.ndarray],
@@ -181,16 +201,8 @@ def fit_split(task: Task, targets: Targets, source: FeatureSource, rows: dict[st
     names = list(params.backbones)
     dims = {b: source.dims()[b] for b in names}
     d_out = 1 if task.kind == "regression" else len(targets.classes)
-    fits = {}
-    for k, b in enumerate(names):
-        key = _head_key(task, b, seed * 100 + k, rows, params)
-        fit = memo.get(key) if memo is not None else None
-        if fit is None:
-            fit = cross_fit(b, dims[b], source, objective, rows, subjects, d_out, config,
-                            params, seed * 100 + k)
-            if memo is not None:
-                memo[key] = fit
-        fits[b] = fit
+    device = resolve_device(params.device)
+    fits = _heads(task, objective, source, rows, subjects, d_out, params, [seed], memo)[seed]
     stacked = np.stack([fits[b].outputs for b in names], axis=1)  # (N, E, k)
     raw = {b: {s: stacked[rows[s], i] for s in ("val", "test")} for i, b in enumerate(names)}
     probes = {}
@@ -200,25 +212,28 @@ def fit_split(task: Task, targets: Targets, source: FeatureSource, rows: dict[st
                   for k, b in enumerate(names)}
     learners = Combiners(stacked, names, objective, source, rows["val"], config,
                          _gate_settings(params), seed * 100 + 50, params.batch_size,
-                         task.balance_classes, probes).learners
+                         task.balance_classes, probes, device).learners
     losses: dict[str, float] = {}
+    evaluated = [rows["val"], rows["test"]]
+    fitted: dict = {}
     if len(names) == 1:
         choice = names[0]
     elif params.combiner == "select":
-        per_row, scored = cross_validated_losses(learners, rows["train"], subjects,
-                                                 objective, params.oof_folds, seed * 100 + 70)
+        per_row, scored, fitted = cross_validated_losses(
+            learners, rows["train"], subjects, objective, params.oof_folds, seed * 100 + 70,
+            also={GATE_NAME: (rows["train"], evaluated)})
         choice = choose(per_row, subjects[scored], GATE_NAME, params.combiner_alpha)
         losses = {name: float(loss.mean()) for name, loss in per_row.items()}
     else:
         choice = GATE_NAME
-    evaluated = [rows["val"], rows["test"]]
-    fitted = {choice: learners[choice](rows["train"], evaluated)}
+    if choice not in fitted:
+        fitted[choice] = learners[choice]([(rows["train"], evaluated)])[0]
     shown = [GATE_NAME] if len(names) > 1 else []  # the gate's weights are always reported
     if baselines and len(names) > 1:
         shown.append("stacking")
     for name in shown:
         if name not in fitted:
-            fitted[name] = learners[name](rows["train"], evaluated)
+            fitted[name] = learners[name]([(rows["train"], evaluated)])[0]
         if baselines and (name != GATE_NAME or params.combiner != GATE_NAME):
             raw[name] = dict(zip(("val", "test"), fitted[name].outputs, strict=True))
     raw[ENSEMBLE] = dict(zip(("val", "test"), fitted[choice].outputs, strict=True))
@@ -269,7 +284,7 @@ def _baselines(task: Task, source: FeatureSource, objective: Objective, stacked:
     width = sum(source.dims()[b] for b in names)
     raw["weight_generator"] = _weight_generator(
         lambda data: np.concatenate([data[b] for b in names], axis=1), names, width,
-        stacked, source, objective, rows, d_out, config, params, seed * 100 + 60)
+        stacked, source, objective, rows, config, params, seed * 100 + 60)
     return raw
 
 
@@ -288,6 +303,17 @@ def _trivial(task: Task, targets: Targets, rows: dict[str, np.ndarray]) -> _Meth
     if task.kind == "binary":
         method.threshold = 0.5
     return method
+
+
+# Fit settings that cannot change a result: where outputs go, and where it runs (a GPU
+# gives the CPU's result within float tolerance; streaming gives the in-memory batches).
+NEUTRAL_SETTINGS = ("metrics", "models", "predictions", "device", "max_memory_gb")
+
+
+def fit_settings(params: FitParams) -> dict:
+    """Every ``fit:`` setting a result depends on, as saved beside it in the metrics, so a
+    result is reused only by a fit with the same settings (``pipeline compare``)."""
+    return {k: v for k, v in dataclasses.asdict(params).items() if k not in NEUTRAL_SETTINGS}
 
 
 def evaluation_mode(params: FitParams, n_labelled: int) -> str:
@@ -364,6 +390,12 @@ def fit_task(task_name: str, params: FitParams, cohort_path: Path, cache_dir: Pa
                            params.max_memory_gb, params.inputs, params.gate_inputs)
     seeds_list = list(range(params.seeds if seeds is None else seeds))
     evaluated = fixed["test"] if mode == "split" else labelled
+    memo = {} if memo is None else memo
+    if not empty:  # every seed's heads on the fixed split, in one pass
+        source.fit_scaling(fixed["train"])
+        _heads(task, _objective(task, targets, fixed["train"], params)[0], source, fixed,
+               subjects, 1 if task.kind == "regression" else len(targets.classes), params,
+               seeds_list, memo)
     per_seed: list[dict[str, _Pooled]] = []
     predictions, models, gate_means = [], {}, []
     choices: list[str] = []
@@ -423,6 +455,7 @@ def fit_task(task_name: str, params: FitParams, cohort_path: Path, cache_dir: Pa
         "inputs": {b: params.inputs.get(b, "features") for b in names},
         "trainable": final.model.trainable() if final is not None else {},
         "classes": targets.classes if task.kind == "multiclass" else None,
+        "settings": fit_settings(params),
     }
     dims = {b: source.dims()[b] for b in names}
     scale = final.scale if final is not None else {}

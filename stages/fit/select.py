@@ -25,8 +25,8 @@ import torch
 from stages.fit.combine import (
     Linear,
     Stacker,
-    apply_weighting,
-    fit_weighting,
+    apply_weightings,
+    fit_weightings,
     fixed_mixture,
     greedy_weights,
     loss_per_row,
@@ -51,13 +51,20 @@ class Fitted:
     weights: np.ndarray | None = None
 
 
-Learner = Callable[[np.ndarray, Sequence[np.ndarray]], Fitted]
+Job = tuple[np.ndarray, Sequence[np.ndarray]]  # (rows to fit on, row sets to output)
+Learner = Callable[[Sequence[Job]], list[Fitted]]
+
+
+def _each(learn: Callable[[np.ndarray, Sequence[np.ndarray]], Fitted]) -> Learner:
+    """A learner whose fits are cheap and independent: one after the other."""
+    return lambda jobs: [learn(rows, targets) for rows, targets in jobs]
 
 
 @dataclass
 class Combiners:
     """Every candidate combiner over ``stacked`` (N, E, k): expert outputs indexed by cohort
-    row, out-of-fold on the training rows."""
+    row, out-of-fold on the training rows. A learner fits a list of jobs at once, so the
+    gate's fits (one per selection fold, and the one kept) train as one bank."""
 
     stacked: np.ndarray
     experts: list[str]
@@ -65,37 +72,40 @@ class Combiners:
     source: FeatureSource
     val_rows: np.ndarray
     config: ModelConfig
-    gate_fit: dict  # fit_weighting's training settings
+    gate_fit: dict  # fit_weightings' training settings
     seed: int
     batch_size: int = 256
     balanced: bool = False
     probes: dict[str, ProbeFit] = field(default_factory=dict)  # cross-fitted, by expert
+    device: torch.device | str = "cpu"
     learners: dict[str, Learner] = field(init=False)
 
     def __post_init__(self) -> None:
         learners: dict[str, Learner] = {}
         if not self.objective.classification:
-            learners[MEDIAN] = self._median
+            learners[MEDIAN] = _each(self._median)
         for i, name in enumerate(self.experts):
-            learners[name] = self._fixed(np.eye(len(self.experts))[i], name)
+            learners[name] = _each(self._fixed(np.eye(len(self.experts))[i], name))
         for name, probe in self.probes.items():
-            learners[PROBE + name] = self._probe(name, probe)
+            learners[PROBE + name] = _each(self._probe(name, probe))
         if len(self.experts) > 1:
-            learners[UNIFORM] = self._fixed(np.full(len(self.experts), 1 / len(self.experts)),
-                                            UNIFORM)
-            learners["greedy"] = self._greedy
-            learners["stacking"] = self._stacking
+            learners[UNIFORM] = _each(self._fixed(
+                np.full(len(self.experts), 1 / len(self.experts)), UNIFORM))
+            learners["greedy"] = _each(self._greedy)
+            learners["stacking"] = _each(self._stacking)
             learners[GATE_NAME] = self._gate
         self.learners = learners
 
-    def _fixed(self, weights: np.ndarray, name: str) -> Learner:
+    def _fixed(self, weights: np.ndarray, name: str
+               ) -> Callable[[np.ndarray, Sequence[np.ndarray]], Fitted]:
         def learn(_: np.ndarray, targets: Sequence[np.ndarray]) -> Fitted:
             return Fitted({"name": name, "weights": weights.tolist()},
                           [fixed_mixture(self.stacked[r], weights) for r in targets])
         return learn
 
     @staticmethod
-    def _probe(expert: str, probe: ProbeFit) -> Learner:
+    def _probe(expert: str, probe: ProbeFit
+               ) -> Callable[[np.ndarray, Sequence[np.ndarray]], Fitted]:
         def learn(_: np.ndarray, targets: Sequence[np.ndarray]) -> Fitted:
             return Fitted({"name": PROBE + expert, "expert": expert,
                            "linear": probe.linear.state},
@@ -122,16 +132,20 @@ class Combiners:
         return Fitted({"name": "stacking", "stacker": stacker.state},
                       [stacker.predict(self.stacked[r]) for r in targets])
 
-    def _gate(self, rows: np.ndarray, targets: Sequence[np.ndarray]) -> Fitted:
-        torch.manual_seed(self.seed)
-        gate = Gate(self.source.dims()[GATE], len(self.experts), self.stacked.shape[2],
-                    self.config)
-        fit_weighting(gate, _gate_input, [GATE], self.source, self.stacked, self.objective,
-                      rows, self.val_rows, seed=self.seed, **self.gate_fit)
-        out = [apply_weighting(gate, _gate_input, [GATE], self.source, self.stacked, r,
-                               self.objective.classification, self.batch_size)
-               for r in targets]
-        return Fitted({"name": GATE_NAME}, [o[0] for o in out], gate, out[-1][1])
+    def _gate(self, jobs: Sequence[Job]) -> list[Fitted]:
+        banks = fit_weightings(self.source.dims()[GATE], _gate_input, [GATE], self.source,
+                               self.stacked, self.objective, [rows for rows, _ in jobs],
+                               self.val_rows, self.config, self.seed, device=self.device,
+                               **self.gate_fit)
+        fitted = []
+        for m, (_, targets) in enumerate(jobs):
+            out = [apply_weightings(banks, _gate_input, [GATE], self.source, self.stacked, r,
+                                    self.objective.classification, self.batch_size)
+                   for r in targets]
+            fitted.append(Fitted({"name": GATE_NAME}, [o[0][m] for o in out],
+                                 banks.banks["weights"].cpu().export(m)
+                                 if m == len(jobs) - 1 else None, out[-1][1][m]))
+        return fitted
 
 
 def _gate_input(data: dict[str, np.ndarray]) -> np.ndarray:
@@ -139,24 +153,29 @@ def _gate_input(data: dict[str, np.ndarray]) -> np.ndarray:
 
 
 def cross_validated_losses(learners: dict[str, Learner], train_rows: np.ndarray,
-                           subjects: np.ndarray, objective: Objective, folds: int, seed: int
-                           ) -> tuple[dict[str, np.ndarray], np.ndarray]:
+                           subjects: np.ndarray, objective: Objective, folds: int, seed: int,
+                           also: dict[str, Job] | None = None
+                           ) -> tuple[dict[str, np.ndarray], np.ndarray, dict[str, Fitted]]:
     """Each learner's training loss per row on subject folds of ``train_rows`` it was not
-    fitted on, and those rows (folds with no rows left to fit on are skipped)."""
+    fitted on, and those rows (folds with no rows left to fit on are skipped); with
+    ``also``, one more job per named learner fitted in the same call (the gate kept)."""
     fold_of = group_folds(subjects[train_rows], folds, seed)
-    predicted: dict[str, list[np.ndarray]] = {name: [] for name in learners}
-    held_rows = []
+    jobs: list[Job] = []
     for fold in range(fold_of.max() + 1):
         held, fit_rows = train_rows[fold_of == fold], train_rows[fold_of != fold]
-        if len(fit_rows) == 0:
-            continue
-        held_rows.append(held)
-        for name, learn in learners.items():
-            predicted[name].append(learn(fit_rows, [held]).outputs[0])
-    rows = np.concatenate(held_rows)
+        if len(fit_rows):
+            jobs.append((fit_rows, [held]))
+    rows = np.concatenate([targets[0] for _, targets in jobs])
     y = objective.y[rows]
-    return {name: loss_per_row(np.concatenate(out), y, objective)
-            for name, out in predicted.items()}, rows
+    losses, extra = {}, {}
+    for name, learn in learners.items():
+        more = [also[name]] if also and name in also else []
+        fitted = learn(jobs + more)
+        losses[name] = loss_per_row(np.concatenate([f.outputs[0] for f in fitted[:len(jobs)]]),
+                                    y, objective)
+        if more:
+            extra[name] = fitted[-1]
+    return losses, rows, extra
 
 
 def choose(losses: dict[str, np.ndarray], subjects: np.ndarray, default: str,

@@ -1,9 +1,8 @@
-"""Training one model from cached features: AdamW, early stopping on validation.
+"""What stage two fits (``Objective``), and running a fitted ensemble over cached rows.
 
-Every call builds nothing itself: the caller passes a freshly built model, so no state
-crosses seeds or methods (the paper's code kept one model and optimiser across folds).
-Batches index the same rows of every expert's features and of the labels, so no expert
-ever sees another ECG than the label belongs to.
+The heads and gates themselves train in banks (``stages.fit.bank``); batches index the same
+rows of every expert's features and of the labels, so no expert ever sees another ECG than
+the label belongs to.
 """
 
 from __future__ import annotations
@@ -13,9 +12,8 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
-from pipeline.params import FitParams
+from stages.fit.bank import Criterion
 from stages.fit.features import GATE, FeatureSource
 from stages.fit.model import Ensemble
 
@@ -43,22 +41,35 @@ class Objective:
             loss = loss + self.expert_weight * torch.stack(experts).mean()
         return loss
 
-    def __call__(self, mixture: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    def rows(self, prediction: torch.Tensor, y: torch.Tensor
+             ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-row loss of predictions (..., B, k) (values, or class probabilities), and
+        the rows' weights (B,): the class weights, else ones."""
         if self.classification:
-            return F.nll_loss(mixture.clamp_min(1e-8).log(), y, weight=self.class_weight)
-        if self.loss == "l1":
-            return F.l1_loss(mixture[:, 0], y)
-        return F.mse_loss(mixture[:, 0], y)
+            log_p = prediction.clamp_min(1e-8).log()
+            index = y.view((1,) * (log_p.dim() - 2) + (-1, 1)).expand(*log_p.shape[:-1], 1)
+            loss = -log_p.gather(-1, index)[..., 0]
+            weight = (self.class_weight.to(y.device)[y] if self.class_weight is not None
+                      else torch.ones_like(y, dtype=loss.dtype))
+            return loss, weight
+        error = prediction[..., 0] - y
+        loss = error.abs() if self.loss == "l1" else error ** 2
+        return loss, torch.ones_like(y)
 
+    def criterion(self, device: torch.device) -> Criterion:
+        """The loss of a bank of heads (``stages.fit.bank``): their raw outputs (M, B, k)
+        are values, or logits turned into probabilities as ``Ensemble`` does."""
+        y = torch.from_numpy(self.y).to(device)
 
-MIN_STEPS = 10  # optimiser steps per epoch, at least, however small the training set
+        def rows(out: torch.Tensor, chunk: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+            prediction = out.softmax(dim=-1) if self.classification else out
+            return self.rows(prediction, y[torch.from_numpy(chunk).to(device)])
+        return Criterion(rows)
 
-
-def batch_size_for(n_rows: int, batch_size: int) -> int:
-    """``batch_size``, shrunk so an epoch has ``MIN_STEPS`` steps: with 128 training ECGs
-    and batches of 256 an epoch is one step, and early stopping ends training before the
-    heads or the gate have moved from their initialisation."""
-    return max(8, min(batch_size, -(-n_rows // MIN_STEPS)))
+    def __call__(self, mixture: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """The mean loss over rows (class-weighted as ``F.nll_loss`` weighs)."""
+        loss, weight = self.rows(mixture, y)
+        return (loss * weight).sum() / weight.sum().clamp_min(1e-12)
 
 
 def _inputs(model: Ensemble) -> list[str]:
@@ -70,17 +81,6 @@ def _tensors(model: Ensemble, data: dict[str, np.ndarray]
              ) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
     return ({name: torch.from_numpy(data[name]) for name in model.experts},
             torch.from_numpy(data[GATE]) if GATE in data else None)
-
-
-def _val_loss(model: Ensemble, source: FeatureSource, objective: Objective, rows: np.ndarray,
-              batch_size: int) -> float:
-    total, count = 0.0, 0
-    with torch.no_grad():
-        for chunk, data in source.batches(rows, batch_size, None, _inputs(model)):
-            mixture, _, _ = model(*_tensors(model, data))
-            total += float(objective(mixture, torch.from_numpy(objective.y[chunk]))) * len(chunk)
-            count += len(chunk)
-    return total / max(count, 1)
 
 
 class BestState:
@@ -101,34 +101,6 @@ class BestState:
     def restore(self, model: torch.nn.Module) -> None:
         model.load_state_dict(self.state)
         model.eval()
-
-
-def train(model: Ensemble, source: FeatureSource, objective: Objective, train_rows: np.ndarray,
-          val_rows: np.ndarray, params: FitParams, seed: int) -> dict:
-    """Fit ``model`` in place, restore its best validation state; returns a short history."""
-    optimiser = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad],
-                                  lr=params.lr, weight_decay=params.weight_decay)
-    rng = np.random.default_rng(seed)
-    batch_size = batch_size_for(len(train_rows), params.batch_size)
-    source.hold(val_rows)  # read once, not once per epoch, when the features stream
-    model.eval()  # the starting point competes too (a warm-started head may be best)
-    keeper = BestState(model, params.patience,
-                       _val_loss(model, source, objective, val_rows, params.batch_size))
-    epochs = 0
-    while epochs < params.max_epochs:
-        epochs += 1
-        model.train()
-        for chunk, data in source.batches(train_rows, batch_size, rng, _inputs(model)):
-            mixture, outputs, _ = model(*_tensors(model, data))
-            loss = objective.total(mixture, outputs, torch.from_numpy(objective.y[chunk]))
-            optimiser.zero_grad()
-            loss.backward()
-            optimiser.step()
-        model.eval()
-        if keeper.stop(model, _val_loss(model, source, objective, val_rows, params.batch_size)):
-            break
-    keeper.restore(model)
-    return {"epochs": epochs, "best_val_loss": keeper.loss}
 
 
 def predict(model: Ensemble, source: FeatureSource, rows: np.ndarray, batch_size: int

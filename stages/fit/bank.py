@@ -1,0 +1,498 @@
+"""Many small models trained as one: stacked weights, one pass over the cached rows for all.
+
+Stage two fits dozens of small models per task (each expert's head once per cross-fitting
+fold and once on all training rows; the gate once per selection fold and once more).
+Trained one after another, batch by batch, their cost was Python and optimiser overhead,
+not arithmetic: five times the rows cost 1.2 times the time. Here the models of one kind
+are *members* of a bank: every weight carries a leading member axis, a layer is one
+batched matmul for all members, and each batch of rows is read once for every member.
+
+A member learns only from its own rows: a batch's loss is, per member, the (class-)weighted
+mean over the batch rows that belong to it, and each member has its own AdamW state and
+step count (``BatchedAdamW``), so a member's trajectory does not depend on the others in the
+bank: it is the one it would follow alone on the same batches restricted to its rows (the
+test ``test_bank.py`` checks this against the peft head and ``torch.optim.AdamW``). Early
+stopping is per member: a member whose validation loss stopped improving for ``patience``
+epochs stops updating, and its best state is restored at the end.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from stages.fit.features import FeatureSource
+from stages.fit.model import Gate, Head, ModelConfig
+
+FIRST_LAYER_CACHE_GB = 1.0  # per bank, for HeadBank.precompute
+MIN_STEPS = 10  # optimiser steps per epoch, at least, however small the training set
+
+
+def batch_size_for(n_rows: int, batch_size: int) -> int:
+    """``batch_size``, shrunk so an epoch has ``MIN_STEPS`` steps: with 128 training ECGs
+    and batches of 256 an epoch is one step, and early stopping ends training before the
+    heads or the gate have moved from their initialisation."""
+    return max(8, min(batch_size, -(-n_rows // MIN_STEPS)))
+
+
+def _uniform(shape: tuple[int, ...], fan_in: int, generator: torch.Generator) -> torch.Tensor:
+    """``nn.Linear``'s default initialisation: U(-1/sqrt(fan_in), 1/sqrt(fan_in))."""
+    bound = 1.0 / math.sqrt(fan_in)
+    return torch.rand(shape, generator=generator) * (2 * bound) - bound
+
+
+def _linear(d_in: int, d_out: int, generator: torch.Generator
+            ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(weight (d_in, d_out), bias (d_out,)) initialised as ``nn.Linear(d_in, d_out)``."""
+    return _uniform((d_in, d_out), d_in, generator), _uniform((d_out,), d_in, generator)
+
+
+class _Stacked(nn.Module):
+    """Weights of M members kept flat: every trainable weight in one (M, P) parameter and
+    every frozen one in one (M, Q) buffer, so an optimiser step is a few tensor operations
+    per bank, not per weight (it was a third of a step's time). ``weights(members)`` gives
+    each weight as a view (members, *shape) of the flat storage."""
+
+    def __init__(self, per_member: list[dict[str, torch.Tensor]], frozen: set[str]):
+        super().__init__()
+        self.layout: dict[str, tuple[bool, int, tuple[int, ...]]] = {}
+        offsets = {True: 0, False: 0}
+        for name, value in per_member[0].items():
+            trainable = name not in frozen
+            self.layout[name] = (trainable, offsets[trainable], tuple(value.shape))
+            offsets[trainable] += value.numel()
+        def flat(trainable: bool) -> torch.Tensor:
+            names = [n for n, (t, _, _) in self.layout.items() if t == trainable]
+            return torch.stack([torch.cat([m[n].reshape(-1) for n in names])
+                                if names else torch.zeros(0) for m in per_member])
+
+        self.flat = nn.Parameter(flat(True))
+        self.register_buffer("fixed", flat(False))
+
+    @property
+    def n_members(self) -> int:
+        return int(self.flat.shape[0])
+
+    def weights(self, members: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        flat, fixed = ((self.flat, self.fixed) if members is None
+                       else (self.flat[members], self.fixed[members]))
+        out = {}
+        for name, (trainable, offset, shape) in self.layout.items():
+            storage = flat if trainable else fixed
+            size = math.prod(shape)
+            out[name] = storage[:, offset: offset + size].view(len(storage), *shape)
+        return out
+
+    def weight(self, name: str) -> torch.Tensor:
+        """All members' ``name`` weight, a view of the flat storage (writable in place)."""
+        return self.weights()[name]
+
+
+class HeadBank(_Stacked):
+    """M heads of one expert (``stages.fit.model.Head``), stacked: (B, D) -> (M, B, k).
+
+    With ``adapter="lora"`` the hidden layers' weights and biases are frozen and each learns
+    the update ``(alpha/r) * A @ B`` (A initialised as ``nn.Linear``, B zero: peft's LoRA);
+    the output layer and the linear skip path train fully. With ``adapter="full"`` every
+    weight trains. Member ``m`` is initialised from ``seeds[m]`` alone, so it starts the
+    same whichever bank it is in.
+    """
+
+    def __init__(self, d_in: int, d_out: int, config: ModelConfig, seeds: list[int]):
+        lora = config.adapter == "lora"
+        h, r = config.hidden, config.lora_r
+        members = []
+        for seed in seeds:
+            g = torch.Generator().manual_seed(seed)
+            w1, b1 = _linear(d_in, h, g)
+            w2, b2 = _linear(h, h, g)
+            w3, b3 = _linear(h, d_out, g)
+            if config.skip:  # the head starts as its linear path (see probes.robust_linear)
+                w3, b3 = torch.zeros_like(w3), torch.zeros_like(b3)
+            member = {"w1": w1, "b1": b1, "w2": w2, "b2": b2, "w3": w3, "b3": b3}
+            if lora:
+                member.update(a1=_uniform((d_in, r), d_in, g), l1=torch.zeros(r, h),
+                              a2=_uniform((h, r), h, g), l2=torch.zeros(r, h))
+            if config.skip:
+                member["ws"], member["bs"] = _linear(d_in, d_out, g)
+            members.append(member)
+        super().__init__(members, {"w1", "b1", "w2", "b2"} if lora else set())
+        self.d_in, self.d_out, self.config, self.lora = d_in, d_out, config, lora
+        self.scale = config.lora_alpha / config.lora_r if lora else 0.0
+        self.first: torch.Tensor | None = None
+
+    def precompute(self, x: torch.Tensor) -> None:
+        """Keep the frozen first layer's output (M, N, h) for every row of ``x`` (N, D),
+        indexed by cohort row: with LoRA it never changes, and on wide features (768 to 1,015
+        for MOMENT per lead and the morphology expert) it was most of a step's arithmetic.
+        Skipped (computed per batch) beyond ``FIRST_LAYER_CACHE_GB``."""
+        size = self.n_members * len(x) * self.config.hidden * x.element_size()
+        if self.lora and size <= FIRST_LAYER_CACHE_GB * 2**30:
+            w = self.weights()
+            with torch.no_grad():
+                self.first = torch.einsum("nd,mdh->mnh", x, w["w1"]) + w["b1"][:, None]
+
+    def _adapted(self, x: torch.Tensor, base: torch.Tensor, w: dict[str, torch.Tensor],
+                 layer: int) -> torch.Tensor:
+        if not self.lora:
+            return base
+        if self.training and self.config.lora_dropout:
+            x = F.dropout(x, self.config.lora_dropout)
+        a, lora_b = w[f"a{layer}"], w[f"l{layer}"]
+        down = (torch.einsum("bd,mdr->mbr", x, a) if x.dim() == 2 else torch.bmm(x, a))
+        return base + self.scale * torch.bmm(down, lora_b)
+
+    def forward(self, x: torch.Tensor, members: torch.Tensor | None = None,
+                rows: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, D) features shared by the members -> (M, B, k) outputs, of ``members`` (an
+        index tensor) only when given: members that stopped cost nothing. ``rows`` (the
+        batch's cohort rows) reads the first layer from ``precompute``'s cache."""
+        w = self.weights(members)
+        if self.first is not None and rows is not None:
+            base = (self.first[:, rows] if members is None
+                    else self.first[members[:, None], rows[None, :]])
+        else:
+            base = torch.einsum("bd,mdh->mbh", x, w["w1"]) + w["b1"][:, None]
+        hidden = torch.relu(self._adapted(x, base, w, 1))
+        base = torch.bmm(hidden, w["w2"]) + w["b2"][:, None]
+        hidden = torch.relu(self._adapted(hidden, base, w, 2))
+        out = torch.bmm(hidden, w["w3"]) + w["b3"][:, None]
+        if self.config.skip:
+            out = out + torch.einsum("bd,mdk->mbk", x, w["ws"]) + w["bs"][:, None]
+        return out
+
+    def set_skip(self, member: int, coef: np.ndarray, intercept: float) -> None:
+        """Start member ``member``'s linear path at a fitted linear map (regression)."""
+        with torch.no_grad():
+            self.weight("ws")[member, :, 0] = torch.as_tensor(coef, dtype=self.flat.dtype)
+            self.weight("bs")[member, 0] = float(intercept)
+
+    def export(self, member: int) -> Head:
+        """Member ``member`` as the deployed ``Head`` (peft LoRA), weight for weight."""
+        head = Head(self.d_in, self.d_out, self.config)
+        mlp = head.mlp.base_model.model if self.lora else head.mlp
+        w = {name: value[member] for name, value in self.weights().items()}
+        with torch.no_grad():
+            for i, layer in enumerate([mlp[0], mlp[2], mlp[4]], start=1):
+                target = layer.modules_to_save["default"] if i == 3 and self.lora else (
+                    layer.base_layer if self.lora else layer)
+                target.weight.copy_(w[f"w{i}"].T)
+                target.bias.copy_(w[f"b{i}"])
+                if self.lora and i < 3:
+                    layer.lora_A["default"].weight.copy_(w[f"a{i}"].T)
+                    layer.lora_B["default"].weight.copy_(w[f"l{i}"].T)
+            if self.config.skip:
+                head.skip.weight.copy_(w["ws"].T)
+                head.skip.bias.copy_(w["bs"])
+        return head.eval()
+
+
+class GateBank(_Stacked):
+    """M weighting networks (``stages.fit.model.Gate``), stacked: (B, D) -> (M, B, E, d)
+    softmax weights over the E experts."""
+
+    def __init__(self, d_in: int, n_experts: int, d_out: int, config: ModelConfig,
+                 seeds: list[int]):
+        per_output = d_out if config.gate_mode == "per_output" else 1
+        members = []
+        for seed in seeds:
+            g = torch.Generator().manual_seed(seed)
+            w1, b1 = _linear(d_in, config.gate_hidden, g)
+            w2, b2 = _linear(config.gate_hidden, n_experts * per_output, g)
+            members.append({"w1": w1, "b1": b1, "w2": w2, "b2": b2})
+        super().__init__(members, set())
+        self.d_in, self.n_experts, self.config = d_in, n_experts, config
+        self.d_out, self.full_out = per_output, d_out
+
+    def forward(self, x: torch.Tensor, members: torch.Tensor | None = None,
+                rows: torch.Tensor | None = None) -> torch.Tensor:
+        w = self.weights(members)
+        hidden = torch.relu(torch.einsum("bd,mdh->mbh", x, w["w1"]) + w["b1"][:, None])
+        logits = torch.bmm(hidden, w["w2"]) + w["b2"][:, None]
+        return logits.view(len(logits), len(x), self.n_experts, self.d_out).softmax(dim=2)
+
+    def export(self, member: int) -> Gate:
+        gate = Gate(self.d_in, self.n_experts, self.full_out, self.config)
+        w = {name: value[member] for name, value in self.weights().items()}
+        with torch.no_grad():
+            gate.net[0].weight.copy_(w["w1"].T)
+            gate.net[0].bias.copy_(w["b1"])
+            gate.net[2].weight.copy_(w["w2"].T)
+            gate.net[2].bias.copy_(w["b2"])
+        return gate.eval()
+
+
+class Banks(nn.Module):
+    """Banks over different inputs trained in one pass (each expert's heads read its own
+    features): their members side by side, in order, along one member axis."""
+
+    def __init__(self, banks: dict[str, nn.Module]):
+        super().__init__()
+        self.banks = nn.ModuleDict(banks)
+
+    @property
+    def n_members(self) -> int:
+        return sum(b.n_members for b in self.banks.values())
+
+    def offsets(self) -> dict[str, int]:
+        """Each bank's first member on the shared axis."""
+        starts, at = {}, 0
+        for name, bank in self.banks.items():
+            starts[name], at = at, at + bank.n_members
+        return starts
+
+    def forward(self, x: dict[str, torch.Tensor], members: torch.Tensor | None = None,
+                rows: torch.Tensor | None = None) -> torch.Tensor:
+        """Outputs of every member, or of ``members`` (sorted indices on the shared axis);
+        ``rows``: the batch's cohort rows."""
+        if members is None:
+            return torch.cat([bank(x[name], None, rows) for name, bank in self.banks.items()],
+                             dim=0)
+        parts = []
+        for name, start in self.offsets().items():
+            bank = self.banks[name]
+            local = members[(members >= start) & (members < start + bank.n_members)] - start
+            if len(local):
+                parts.append(bank(x[name], local, rows))
+        return torch.cat(parts, dim=0)
+
+    def member_params(self) -> list[tuple[str, nn.Parameter, slice]]:
+        """Every trainable weight, with the members it holds on the shared axis."""
+        out = []
+        for name, start in self.offsets().items():
+            bank = self.banks[name]
+            span = slice(start, start + bank.n_members)
+            out += [(f"{name}.{n}", p, span) for n, p in bank.named_parameters()
+                    if p.requires_grad]
+        return out
+
+
+def _per_member(values: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    """(members,) values shaped to broadcast over a weight with leading member axis."""
+    return values.view((-1,) + (1,) * (p.dim() - 1))
+
+
+class BatchedAdamW:
+    """``torch.optim.AdamW`` (decoupled weight decay, bias-corrected moments) with one
+    state and step count per member: ``step(active)`` updates only the active members, so
+    a member that stopped, or had no rows in a batch, keeps its weights and moments."""
+
+    def __init__(self, banks: Banks, lr: float, weight_decay: float,
+                 betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8):
+        self.params = [(p, span) for _, p, span in banks.member_params()]
+        self.lr, self.weight_decay, (self.beta1, self.beta2), self.eps = (
+            lr, weight_decay, betas, eps)
+        self.m = [torch.zeros_like(p) for p, _ in self.params]
+        self.v = [torch.zeros_like(p) for p, _ in self.params]
+        # step counts and bias corrections in float64: in float32, 1 - 0.999**t is off by
+        # ~1e-7 relative, which training amplifies
+        self.steps = torch.zeros(banks.n_members, dtype=torch.float64,
+                                 device=self.params[0][0].device)
+
+    def step(self, active: torch.Tensor) -> None:
+        self.steps += active.to(self.steps.dtype)
+        t = self.steps.clamp_min(1)
+        step_size = self.lr / (1 - self.beta1 ** t)
+        correction2 = torch.sqrt(1 - self.beta2 ** t)
+        with torch.no_grad():
+            for (p, span), m, v in zip(self.params, self.m, self.v, strict=True):
+                on = _per_member(active[span], p)
+                size = _per_member(step_size[span], p).to(p.dtype)
+                correction = _per_member(correction2[span], p).to(p.dtype)
+                g = torch.zeros_like(p) if p.grad is None else p.grad
+                decayed = p * (1 - self.lr * self.weight_decay)
+                m.copy_(torch.where(on, m + (1 - self.beta1) * (g - m), m))
+                v.copy_(torch.where(on, v * self.beta2 + (1 - self.beta2) * g * g, v))
+                denom = v.sqrt() / correction + self.eps
+                p.copy_(torch.where(on, decayed - size * m / denom, p))
+                p.grad = None
+
+
+@dataclass
+class Criterion:
+    """Per-row loss of every member, ``(loss (M, B), weight (M, B) or (B,))``, and an
+    optional per-row penalty (M, B) averaged without weights (the gate's prior).
+
+    A member's loss on some rows is Σ weight·loss / Σ weight (+ mean penalty) over them:
+    ``F.nll_loss``'s weighted mean, or a plain mean when every weight is 1.
+    """
+
+    rows: Callable[[torch.Tensor, np.ndarray], tuple[torch.Tensor, torch.Tensor]]
+    penalty: Callable[[torch.Tensor], torch.Tensor] | None = None
+
+    def sums(self, out: torch.Tensor, chunk: np.ndarray, mask: torch.Tensor
+             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(Σ w·loss, Σ w, Σ penalty, Σ 1) per member over the masked rows of a batch."""
+        loss, weight = self.rows(out, chunk)
+        weight = mask * weight
+        counted = mask.to(loss.dtype)
+        penalty = ((self.penalty(out) * counted).sum(1) if self.penalty is not None
+                   else torch.zeros_like(counted[:, 0]))
+        return (weight * loss).sum(1), weight.sum(1), penalty, counted.sum(1)
+
+    @staticmethod
+    def mean(sums: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        loss, weight, penalty, count = sums
+        return loss / weight.clamp_min(1e-12) + penalty / count.clamp_min(1)
+
+
+class _Best:
+    """Per member: the lowest validation loss so far, its weights, and the epochs since."""
+
+    def __init__(self, banks: Banks, loss: torch.Tensor, patience: int):
+        self.patience, self.loss = patience, loss.clone()
+        self.stale = torch.zeros_like(loss, dtype=torch.long)
+        self.state = {n: p.detach().clone() for n, p, _ in banks.member_params()}
+
+    def update(self, banks: Banks, loss: torch.Tensor, active: torch.Tensor) -> torch.Tensor:
+        """Record this epoch's losses; returns the members still training."""
+        better = active & (loss < self.loss - 1e-6)
+        self.loss = torch.where(better, loss, self.loss)
+        self.stale = torch.where(better, 0, self.stale + active.long())
+        with torch.no_grad():
+            for n, p, span in banks.member_params():
+                self.state[n] = torch.where(_per_member(better[span], p), p, self.state[n])
+        return active & (self.stale < self.patience)
+
+    def restore(self, banks: Banks) -> None:
+        with torch.no_grad():
+            for n, p, _ in banks.member_params():
+                p.copy_(self.state[n])
+        banks.eval()
+
+
+Inputs = Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]
+
+
+@dataclass
+class Reader:
+    """How banks read the cache: the arrays a batch holds, and each bank's input from them
+    (by default the array of the bank's own name), on ``device``.
+
+    When the source is in memory its standardised features are put on the device once
+    (``resident``) and batches are cut there; else each batch is read (streamed by block)
+    and moved. The batch order is the source's either way.
+    """
+
+    source: FeatureSource
+    names: list[str]
+    device: torch.device
+    inputs: Inputs | None = None
+    resident: dict[str, torch.Tensor] | None = None
+
+    def __post_init__(self) -> None:
+        if self.source.in_memory:
+            every = np.arange(self.source.n_rows)
+            self.resident = self._tensors(self.source.take(every, self.names))
+
+    def _tensors(self, data: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
+        data = self.inputs(data) if self.inputs is not None else data
+        return {name: torch.from_numpy(np.ascontiguousarray(x)).to(self.device)
+                for name, x in data.items()}
+
+    def batches(self, rows: np.ndarray, batch_size: int, rng: np.random.Generator | None
+                ) -> Iterator[tuple[np.ndarray, dict[str, torch.Tensor]]]:
+        if self.resident is None:
+            for chunk, data in self.source.batches(rows, batch_size, rng, self.names):
+                yield chunk, self._tensors(data)
+            return
+        order = rng.permutation(rows) if rng is not None else np.sort(rows)
+        for start in range(0, len(order), batch_size):
+            chunk = order[start: start + batch_size]
+            index = torch.from_numpy(chunk).to(self.device)
+            yield chunk, {name: x[index] for name, x in self.resident.items()}
+
+
+def _membership(rows: list[np.ndarray], n_rows: int, device: torch.device) -> torch.Tensor:
+    """(M, N) bool: member m owns row r."""
+    mask = np.zeros((len(rows), n_rows), dtype=bool)
+    for m, r in enumerate(rows):
+        mask[m, r] = True
+    return torch.from_numpy(mask).to(device)
+
+
+def _index(chunk: np.ndarray, device: torch.device) -> torch.Tensor:
+    return torch.from_numpy(chunk).to(device)
+
+
+def _columns(owned: torch.Tensor, chunk: np.ndarray) -> torch.Tensor:
+    return owned[:, _index(chunk, owned.device)]
+
+
+def _evaluate(banks: Banks, reader: Reader, criterion: Criterion, owned: torch.Tensor,
+              rows: np.ndarray, batch_size: int, active: torch.Tensor) -> torch.Tensor:
+    """Every active member's loss over its own rows among ``rows`` (M,; inf elsewhere)."""
+    members = active.nonzero()[:, 0]
+    loss = torch.full((banks.n_members,), float("inf"), device=owned.device)
+    totals = None
+    with torch.no_grad():
+        for chunk, x in reader.batches(rows, batch_size, None):
+            sums = criterion.sums(banks(x, members, _index(chunk, owned.device)), chunk,
+                                  _columns(owned[members], chunk))
+            totals = sums if totals is None else tuple(
+                a + b for a, b in zip(totals, sums, strict=True))
+    if totals is not None:
+        loss[members] = Criterion.mean(totals).to(loss.dtype)
+    return loss
+
+
+def train_banks(banks: Banks, reader: Reader, criterion: Criterion, train: list[np.ndarray],
+                val: list[np.ndarray], *, lr: float, weight_decay: float, batch_size: int,
+                max_epochs: int, patience: int, seed: int) -> dict:
+    """Train member ``m`` of ``banks`` on its rows ``train[m]``, early-stopped on ``val[m]``.
+
+    Each epoch shuffles the union of the members' training rows (``seed``) into batches of
+    ``batch_size_for`` that union; a member steps on the batches that hold any of its rows.
+    The starting point competes too (a warm-started head may be best). Returns a short
+    history: epochs run and each member's best validation loss.
+    """
+    device = reader.device
+    n_rows = reader.source.n_rows
+    owned_train = _membership(train, n_rows, device)
+    owned_val = _membership(val, n_rows, device)
+    union_train = np.unique(np.concatenate(train))
+    union_val = np.unique(np.concatenate(val))
+    reader.source.hold(union_val)  # read once, not once per epoch, when features stream
+    step_batch = batch_size_for(len(union_train), batch_size)
+    active = torch.ones(banks.n_members, dtype=torch.bool, device=device)
+    banks.eval()
+    best = _Best(banks, _evaluate(banks, reader, criterion, owned_val, union_val, batch_size,
+                                  active), patience)
+    optimiser = BatchedAdamW(banks, lr, weight_decay)
+    rng = np.random.default_rng(seed)
+    epochs = 0
+    while epochs < max_epochs and bool(active.any()):
+        epochs += 1
+        banks.train()
+        for chunk, x in reader.batches(union_train, step_batch, rng):
+            mask = _columns(owned_train, chunk) & active[:, None]
+            stepping = mask.any(1)
+            members = stepping.nonzero()[:, 0]
+            if not len(members):
+                continue
+            out = banks(x, members, _index(chunk, device))
+            Criterion.mean(criterion.sums(out, chunk, mask[members])).sum().backward()
+            optimiser.step(stepping)
+        banks.eval()
+        loss = _evaluate(banks, reader, criterion, owned_val, union_val, batch_size, active)
+        active = best.update(banks, loss, active)
+    best.restore(banks)
+    return {"epochs": epochs, "best_val_loss": best.loss.tolist()}
+
+
+def predict_banks(banks: Banks, reader: Reader, rows: np.ndarray, batch_size: int
+                  ) -> torch.Tensor:
+    """Every member's output on ``rows`` (in the order given): (M, n, ...)."""
+    order = np.unique(rows)
+    parts = []
+    with torch.no_grad():
+        for chunk, x in reader.batches(order, batch_size, None):
+            parts.append(banks(x, None, _index(chunk, reader.device)))
+    out = torch.cat(parts, dim=1)
+    return out[:, torch.from_numpy(np.searchsorted(order, rows)).to(out.device)]

@@ -1,0 +1,178 @@
+"""Batched training (``stages.fit.bank``): a member trained in a bank is the model it would
+be alone, with the same initialisation and the same batches."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from stages.fit.bank import (
+    Banks,
+    BatchedAdamW,
+    GateBank,
+    HeadBank,
+    Reader,
+    batch_size_for,
+    predict_banks,
+    train_banks,
+)
+from stages.fit.features import FeatureSource
+from stages.fit.model import ModelConfig
+from stages.fit.train import Objective
+
+N = 240
+
+
+def _source(arrays: dict[str, np.ndarray]) -> FeatureSource:
+    """In float64: training amplifies rounding, and the comparison is of the arithmetic."""
+    source = FeatureSource({k: v.astype(np.float64) for k, v in arrays.items()}, {},
+                           in_memory=True, block_rows=N)
+    source.materialise()
+    return source
+
+
+def _data(classification: bool) -> tuple[FeatureSource, Objective]:
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(N, 6))
+    signal = x[:, 0] + 0.5 * x[:, 1] ** 2
+    if classification:
+        y = np.digitize(signal, [-0.3, 0.8]).astype(np.int64)
+        weight = torch.tensor([1.0, 0.5, 2.0], dtype=torch.float64)
+        return _source({"x": x}), Objective(y, True, class_weight=weight)
+    return _source({"x": x}), Objective(signal, False, "l1")
+
+
+def _alone(head: torch.nn.Module, source: FeatureSource, objective: Objective,
+           train: np.ndarray, val: np.ndarray, union: np.ndarray, step: int, *, lr: float,
+           weight_decay: float, max_epochs: int, patience: int, seed: int) -> None:
+    """The reference: one peft head, ``torch.optim.AdamW``, the bank's shuffled batches of
+    ``union`` restricted to its own rows, early stopping on its own validation loss."""
+
+    def loss_on(rows: np.ndarray) -> torch.Tensor:
+        out = head(torch.from_numpy(source.take(rows, ["x"])["x"]))
+        prediction = out.softmax(-1) if objective.classification else out
+        return objective(prediction, torch.from_numpy(objective.y[rows]))
+
+    optimiser = torch.optim.AdamW([p for p in head.parameters() if p.requires_grad], lr=lr,
+                                  weight_decay=weight_decay)
+    rng = np.random.default_rng(seed)
+    head.eval()
+    with torch.no_grad():
+        best, stale = float(loss_on(val)), 0
+    state = {k: v.clone() for k, v in head.state_dict().items()}
+    for _ in range(max_epochs):
+        head.train()
+        for chunk, _ in source.batches(union, step, rng, ["x"]):
+            mine = chunk[np.isin(chunk, train)]
+            if len(mine):
+                optimiser.zero_grad()
+                loss_on(mine).backward()
+                optimiser.step()
+        head.eval()
+        with torch.no_grad():
+            loss = float(loss_on(val))
+        if loss < best - 1e-6:
+            best, stale, state = loss, 0, {k: v.clone() for k, v in head.state_dict().items()}
+        else:
+            stale += 1
+            if stale >= patience:
+                break
+    head.load_state_dict(state)
+    head.eval()
+
+
+@pytest.mark.parametrize("classification", [False, True])
+@pytest.mark.parametrize("adapter", ["lora", "full"])
+def test_a_member_trained_in_the_bank_predicts_what_it_predicts_alone(classification, adapter):
+    source, objective = _data(classification)
+    d_out = 3 if classification else 1
+    config = ModelConfig(hidden=16, adapter=adapter, lora_r=4, lora_alpha=8)
+    rng = np.random.default_rng(1)
+    rows = rng.permutation(N)
+    val, pool = np.sort(rows[:40]), rows[40:200]
+    test = np.sort(rows[200:])
+    # members on different rows: two cross-fitting folds and all of the pool
+    train = [np.sort(pool[:110]), np.sort(pool[50:]), np.sort(pool)]
+    seeds = [11, 12, 13]
+    settings = dict(lr=3e-3, weight_decay=1e-3, max_epochs=40, patience=4, seed=5)
+    bank = HeadBank(6, d_out, config, seeds)
+    with torch.no_grad():  # a non-zero output layer, so every weight gets a gradient
+        bank.weight("w3").normal_(0, 0.1)
+    bank.double()  # after drawing: its heads copy the start exactly
+    heads = [bank.export(m).double() for m in range(len(seeds))]  # the same start
+    banks = Banks({"x": bank})
+    reader = Reader(source, ["x"], torch.device("cpu"))
+    bank.precompute(reader.resident["x"])  # LoRA: the frozen first layer read from a cache
+    assert (bank.first is not None) == (adapter == "lora")
+    history = train_banks(banks, reader, objective.criterion(torch.device("cpu")), train,
+                          [val] * 3, batch_size=32, **settings)
+    assert history["epochs"] > settings["patience"]
+    batched = predict_banks(banks, reader, test, 64)
+    union = np.unique(np.concatenate(train))
+    for m, head in enumerate(heads):
+        _alone(head, source, objective, train[m], val, union, batch_size_for(len(union), 32),
+               **settings)
+        with torch.no_grad():
+            alone = head(torch.from_numpy(source.take(test, ["x"])["x"]))
+        np.testing.assert_allclose(batched[m].numpy(), alone.numpy(), rtol=1e-9, atol=1e-10)
+        exported = bank.export(m).double()  # the trained member, deployed as a peft head
+        with torch.no_grad():
+            np.testing.assert_allclose(
+                exported(torch.from_numpy(source.take(test, ["x"])["x"])).numpy(),
+                batched[m].numpy(), rtol=1e-5, atol=1e-6)  # in float32
+    assert not np.allclose(batched[0].numpy(), batched[2].numpy())
+
+
+def test_lora_members_keep_their_hidden_weights_frozen():
+    source, objective = _data(False)
+    bank = HeadBank(6, 1, ModelConfig(hidden=8, lora_r=2), [0, 1]).double()
+    frozen = bank.fixed.clone()
+    train_banks(Banks({"x": bank}), Reader(source, ["x"], torch.device("cpu")),
+                objective.criterion(torch.device("cpu")), [np.arange(100), np.arange(50, 150)],
+                [np.arange(150, 200)] * 2, lr=1e-2, weight_decay=0.0, batch_size=32,
+                max_epochs=5, patience=5, seed=0)
+    assert torch.equal(bank.fixed, frozen)  # w1, b1, w2, b2
+    trained = {n for n, (trainable, _, _) in bank.layout.items() if trainable}
+    assert trained == {"w3", "b3", "a1", "l1", "a2", "l2", "ws", "bs"}
+    assert bank.weight("l1").abs().sum() > 0  # the update learnt
+
+
+def test_batched_adamw_matches_torch_and_leaves_inactive_members_alone():
+    torch.manual_seed(0)
+    weights = torch.nn.Parameter(torch.randn(3, 4, 2))
+    reference = [torch.nn.Parameter(weights[m].detach().clone()) for m in range(3)]
+    banks = Banks({"w": _Holder(weights)})
+    optimiser = BatchedAdamW(banks, lr=0.01, weight_decay=0.1)
+    singles = [torch.optim.AdamW([p], lr=0.01, weight_decay=0.1) for p in reference]
+    for step in range(6):
+        active = torch.tensor([True, step % 2 == 0, False])
+        grads = torch.randn(3, 4, 2)
+        weights.grad = grads.clone()
+        optimiser.step(active)
+        for m in range(3):
+            if active[m]:
+                reference[m].grad = grads[m].clone()
+                singles[m].step()
+    for m in range(3):
+        torch.testing.assert_close(weights[m].detach(), reference[m].detach())
+
+
+class _Holder(torch.nn.Module):
+    def __init__(self, weight: torch.nn.Parameter):
+        super().__init__()
+        self.weight = weight
+
+    @property
+    def n_members(self) -> int:
+        return self.weight.shape[0]
+
+
+def test_gate_members_equal_their_exported_gates():
+    bank = GateBank(5, 3, 2, ModelConfig(gate_hidden=8, gate_mode="per_output"), [0, 1])
+    x = torch.randn(7, 5)
+    weights = bank(x)
+    assert weights.shape == (2, 7, 3, 2)
+    torch.testing.assert_close(weights.sum(2), torch.ones(2, 7, 2))
+    for m in range(2):
+        torch.testing.assert_close(bank.export(m)(x), weights[m])
