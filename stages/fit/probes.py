@@ -10,6 +10,7 @@ cohorts. Needs the features in memory.
 from __future__ import annotations
 
 import numpy as np
+from sklearn.linear_model import QuantileRegressor
 from sklearn.model_selection import GroupKFold, KFold
 
 from stages.fit.combine import Linear, ridge_gcv
@@ -95,59 +96,39 @@ def median_lasso(x: np.ndarray, y: np.ndarray, masks: np.ndarray, alphas: np.nda
     ``mean over its rows (masks[p]) of |y - x·b - c| / 2 + alphas[p]·|b|_1``, the objective of
     scikit-learn's ``QuantileRegressor(quantile=0.5)``.
 
-    Solved together by iteratively reweighted least squares (each step one weighted ridge
-    system per problem): a linear program per problem took 0.17 s for 2,300 ECGs x 17
-    features and a head needs nine; the IRLS objective is within 0.1 % of the linear
-    program's optimum (``tests/test_select.py``): a starting point for gradient descent.
+    Designs taller than wide are solved together by iteratively reweighted least squares
+    (each step one weighted ridge system per problem): a linear program per problem took
+    0.17 s for 2,300 ECGs x 17 features and a head needs nine; the IRLS objective is within
+    0.1 % of the linear program's optimum (``tests/test_select.py``), a starting point for
+    gradient descent. Wider designs (a few dozen ECGs x 1,015 morphology features), where
+    IRLS converges slowly and the linear program is small, use the linear program.
     Returns (coefs (P, d), intercepts (P,)).
     """
     x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
-    d = x.shape[1]
+    n, d = x.shape
+    if d >= n:
+        fits = [QuantileRegressor(quantile=0.5, alpha=alpha, solver="highs").fit(x[m], y[m])
+                for m, alpha in zip(masks, alphas, strict=True)]
+        return (np.array([f.coef_ for f in fits]),
+                np.array([float(f.intercept_) for f in fits]))
+    design = np.hstack([x, np.ones((n, 1))])
     weights = masks.astype(np.float64)
     counts = np.maximum(weights.sum(axis=1, keepdims=True), 1.0)
-    coef = np.zeros((len(masks), d))
-    intercept = np.array([np.median(y[m]) if m.any() else 0.0 for m in masks])
+    beta = np.zeros((len(masks), d + 1))
+    beta[:, d] = [np.median(y[m]) if m.any() else 0.0 for m in masks]
+    diagonal = np.arange(d)
     for _ in range(iterations):
-        residual = y[None] - coef @ x.T - intercept[:, None]
+        residual = y[None] - beta @ design.T
         u = weights * 0.5 / (counts * np.maximum(np.abs(residual), 1e-6))
-        v = np.asarray(alphas)[:, None] / np.maximum(np.abs(coef), 1e-6)
-        new_coef, new_intercept = _weighted_ridge(x, y, u, v)
-        change = max(float(np.abs(new_coef - coef).max()),
-                     float(np.abs(new_intercept - intercept).max()))
-        coef, intercept = new_coef, new_intercept
+        system = (design.T[None] * u[:, None, :]) @ design
+        system[:, diagonal, diagonal] += (np.asarray(alphas)[:, None]
+                                          / np.maximum(np.abs(beta[:, :d]), 1e-6))
+        update = np.linalg.solve(system, ((u * y[None]) @ design)[..., None])[..., 0]
+        change = float(np.abs(update - beta).max())
+        beta = update
         if change < tolerance:
             break
-    return coef, intercept
-
-
-def _weighted_ridge(x: np.ndarray, y: np.ndarray, u: np.ndarray, v: np.ndarray
-                    ) -> tuple[np.ndarray, np.ndarray]:
-    """Per problem p: argmin Σ u_p·(y - x·b - c)² + Σ v_p·b², the intercept c unpenalised.
-
-    With c eliminated (the u-weighted mean residual), b solves (AᵀA + V) b = Aᵀỹ for
-    A = P·U^½·x, ỹ = P·U^½·y and P the projection off U^½·1. Tall designs solve that d x d
-    system; wide ones (more features than rows: the morphology expert's 1,015 on a few dozen
-    ECGs) its n x n form b = V⁻¹Aᵀ(A V⁻¹Aᵀ + I)⁻¹ỹ, so a step costs n²·d, not d³.
-    """
-    root = np.sqrt(u)  # (P, n)
-    unit = root / np.maximum(np.linalg.norm(root, axis=1, keepdims=True), 1e-300)
-    a = root[:, :, None] * x[None]
-    a -= unit[:, :, None] * np.einsum("pn,pnd->pd", unit, a)[:, None, :]
-    target = root * y[None]
-    target -= unit * (unit * target).sum(axis=1, keepdims=True)
-    n, d = x.shape
-    if d <= n:
-        system = np.swapaxes(a, 1, 2) @ a
-        system[:, np.arange(d), np.arange(d)] += v
-        coef = np.linalg.solve(system, np.einsum("pnd,pn->pd", a, target)[..., None])[..., 0]
-    else:
-        scaled = a / v[:, None, :]
-        system = scaled @ np.swapaxes(a, 1, 2)
-        system[:, np.arange(n), np.arange(n)] += 1.0
-        coef = np.einsum("pnd,pn->pd", scaled, np.linalg.solve(system, target[..., None])[..., 0])
-    total = np.maximum(u.sum(axis=1), 1e-300)
-    intercept = (u * (y[None] - coef @ x.T)).sum(axis=1) / total
-    return coef, intercept
+    return beta[:, :d], beta[:, d]
 
 
 def _clip_outliers(y: np.ndarray, k: float = 3.0) -> np.ndarray:
