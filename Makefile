@@ -31,6 +31,7 @@ bench: setup
 	PATH="$(BIN):$$PATH" $(BIN)/python benchmarks/prepare_throughput.py
 	PATH="$(BIN):$$PATH" $(BIN)/python benchmarks/extract_throughput.py
 	PATH="$(BIN):$$PATH" $(BIN)/python benchmarks/fit_throughput.py
+	PATH="$(BIN):$$PATH" $(BIN)/python benchmarks/fit_phases.py --extract
 	PATH="$(BIN):$$PATH" $(BIN)/python benchmarks/fit_scale.py --rows 200000
 	PATH="$(BIN):$$PATH" $(BIN)/python benchmarks/rr_accuracy.py
 	PATH="$(BIN):$$PATH" $(BIN)/python benchmarks/synthetic_calibration.py
