@@ -165,15 +165,12 @@ def ridge_gcv(x: np.ndarray, y: np.ndarray, alphas: np.ndarray = ALPHAS
     eigenvalues = np.clip(eigenvalues, 0.0, None)
     q = vectors if wide else xc @ vectors  # (n, k): the data in the eigenbasis
     q_y = q.T @ yc
-    best, chosen = np.inf, None
-    for alpha in alphas:
-        shrink = (eigenvalues / (eigenvalues + alpha) if wide
-                  else 1.0 / (eigenvalues + alpha))
-        leverage = 1.0 / n + (q ** 2) @ shrink
-        residual = (yc - q @ (shrink * q_y)) / np.maximum(1.0 - leverage, 1e-12)
-        error = float(np.mean(residual ** 2))
-        if error < best:
-            best, chosen = error, alpha
+    alphas = np.asarray(alphas, dtype=np.float64)
+    shrink = (eigenvalues[:, None] / (eigenvalues[:, None] + alphas) if wide
+              else 1.0 / (eigenvalues[:, None] + alphas))  # (k, alphas)
+    leverage = 1.0 / n + (q ** 2) @ shrink
+    residual = (yc[:, None] - q @ (shrink * q_y[:, None])) / np.maximum(1.0 - leverage, 1e-12)
+    chosen = alphas[int(np.argmin(np.mean(residual ** 2, axis=0)))]
     inverse = 1.0 / (eigenvalues + chosen)
     coef = (xc.T @ (vectors @ (inverse * q_y)) if wide else vectors @ (inverse * q_y))
     return coef, float(y_mean - x_mean @ coef)
