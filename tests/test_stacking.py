@@ -115,8 +115,9 @@ def test_no_combiner_learns_from_rows_its_experts_were_fitted_on(noisy, monkeypa
     def spy_learner(method: str):
         real = getattr(select.Combiners, method)
 
-        def learn(self, *args):  # the gate fits a list of jobs at once, the rest one
-            fitted_on = [job[0] for job in args[0]] if method == "_gate" else [args[0]]
+        def learn(self, *args):  # the gate and the stacker fit a list of jobs at once
+            fitted_on = ([job[0] for job in args[0]] if method in ("_gate", "_stacking")
+                         else [args[0]])
             learnt.setdefault(method, []).extend(rows.copy() for rows in fitted_on)
             return real(self, *args)
         return learn

@@ -18,22 +18,19 @@ for regression, class probabilities (n, E, C) for classification.
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Callable
 
 import numpy as np
 import torch
-from sklearn.dummy import DummyClassifier
-from sklearn.linear_model import LogisticRegression
 
 from stages.fit.bank import Banks, Criterion, GateBank, Reader, predict_banks, train_banks
 from stages.fit.features import FeatureSource
+from stages.fit.logistic import LogisticFits
 from stages.fit.model import ModelConfig, mix
 from stages.fit.train import Objective
 
 ALPHAS = np.logspace(-3, 4, 15)
 CS = (0.01, 0.1, 1.0, 10.0)
-MAX_ITER = 5000  # L-BFGS iterations per C (warm-started along the path): converged, no warning
 
 
 def _weighting_criterion(objective: Objective, outputs: torch.Tensor, n_experts: int,
@@ -187,16 +184,20 @@ class Linear:
     def fit(cls, x: np.ndarray, y: np.ndarray, x_val: np.ndarray, y_val: np.ndarray,
             objective: Objective, n_classes: int, balanced: bool) -> Linear:
         """Ridge with its penalty by generalised CV, or logistic with C by validation loss."""
+        return cls.fit_many(x, y, np.ones((1, len(y)), dtype=bool), x_val, y_val, objective,
+                            n_classes, balanced)[0]
+
+    @classmethod
+    def fit_many(cls, x: np.ndarray, y: np.ndarray, masks: np.ndarray, x_val: np.ndarray,
+                 y_val: np.ndarray, objective: Objective, n_classes: int, balanced: bool
+                 ) -> list[Linear]:
+        """``fit`` on the rows of each mask (P, n) of one design: the logistic fits are
+        solved together (``stages.fit.logistic``)."""
         if not objective.classification:
-            coef, intercept = ridge_gcv(x, y)
-            return cls({"coef": coef.tolist(), "intercept": [intercept]}, False, 1)
-        model = fit_logistic(x, y, x_val, y_val, n_classes, balanced, objective)
-        state: dict[str, list] = {"classes": model.classes_.tolist()}
-        if isinstance(model, DummyClassifier):
-            state["prior"] = model.class_prior_.tolist()
-        else:
-            state.update(coef=model.coef_.tolist(), intercept=model.intercept_.tolist())
-        return cls(state, True, n_classes)
+            return [cls({"coef": coef.tolist(), "intercept": [intercept]}, False, 1)
+                    for coef, intercept in (ridge_gcv(x[m], y[m]) for m in masks)]
+        states = logistic_path(x, y, masks, x_val, y_val, n_classes, balanced, objective)
+        return [cls(state, True, n_classes) for state in states]
 
     def predict(self, x: np.ndarray) -> np.ndarray:
         """Values (n, 1), or probabilities over all ``n_classes`` (absent classes get 0)."""
@@ -235,10 +236,21 @@ class Stacker:
 
     def fit(self, outputs: np.ndarray, y: np.ndarray, val_outputs: np.ndarray,
             y_val: np.ndarray, objective: Objective) -> Stacker:
-        self.state = Linear.fit(self._design(outputs, self.classification), y,
-                                self._design(val_outputs, self.classification), y_val,
-                                objective, self.n_classes, self.balanced).state
+        self.state = self.fit_many(outputs, y, np.ones((1, len(y)), dtype=bool), val_outputs,
+                                   y_val, objective)[0].state
         return self
+
+    def fit_many(self, outputs: np.ndarray, y: np.ndarray, masks: np.ndarray,
+                 val_outputs: np.ndarray, y_val: np.ndarray, objective: Objective
+                 ) -> list[Stacker]:
+        """One stacker per row mask (P, n) of ``outputs``, fitted together."""
+        fitted = []
+        for linear in Linear.fit_many(self._design(outputs, self.classification), y, masks,
+                                      self._design(val_outputs, self.classification), y_val,
+                                      objective, self.n_classes, self.balanced):
+            fitted.append(Stacker.from_state(linear.state, self.classification,
+                                             self.n_classes))
+        return fitted
 
     @classmethod
     def from_state(cls, state: dict, classification: bool, n_classes: int) -> Stacker:
@@ -251,34 +263,41 @@ class Stacker:
             self._design(outputs, self.classification))
 
 
-def fit_logistic(x: np.ndarray, y: np.ndarray, x_val: np.ndarray, y_val: np.ndarray,
-                 n_classes: int, balanced: bool, objective: Objective
-                 ) -> LogisticRegression | DummyClassifier:
-    """Logistic regression with the C (from ``CS``) of lowest validation loss.
+def logistic_path(x: np.ndarray, y: np.ndarray, masks: np.ndarray, x_val: np.ndarray,
+                  y_val: np.ndarray, n_classes: int, balanced: bool, objective: Objective
+                  ) -> list[dict[str, list]]:
+    """Per row mask of ``x``, the logistic regression with the C (from ``CS``) of lowest
+    validation loss, as a ``Linear`` state.
 
-    The Cs are fitted in increasing order, each warm-started from the last, and the path
-    stops once the validation loss rises: weaker penalties only fit the training rows
-    harder, and they are the slow fits (on 2,800 ECGs x 768 features x 15 classes, C = 10
-    took 414 L-BFGS iterations from scratch, C = 0.01 took 142).
+    The Cs are fitted in increasing order, each warm-started from the last, and a problem's
+    path stops once its validation loss rises: weaker penalties only fit the training rows
+    harder, and they are the slow fits. Every problem still on the path is solved together
+    (``stages.fit.logistic``). A problem with one class predicts its prior.
     """
-    if len(np.unique(y)) < 2:  # one class in training: predict its prior
-        return DummyClassifier(strategy="prior").fit(x, y)
-    model = LogisticRegression(max_iter=MAX_ITER, warm_start=True,
-                               class_weight="balanced" if balanced else None)
-    best, chosen = np.inf, None
+    states: list[dict[str, list] | None] = [None] * len(masks)
+    going = []
+    for p, mask in enumerate(masks):
+        classes = np.unique(y[mask])
+        if len(classes) < 2:
+            states[p] = {"classes": classes.tolist(), "prior": [1.0] * len(classes)}
+        else:
+            going.append(p)
+    if not going:
+        return states
+    fits = LogisticFits(x, y, n_classes, balanced)
+    best = np.full(len(masks), np.inf)
+    start = None
     for c in sorted(CS):
-        model.set_params(C=c).fit(x, y)
-        loss = loss_per_row(probabilities(model, x_val, n_classes), y_val, objective).mean()
-        if loss < best:
-            best, chosen = loss, copy.deepcopy(model)
-        elif loss > best:
+        fitted, coef = fits.fit(masks[going], np.full(len(going), c), start)
+        still = []
+        for p, state, at in zip(going, fitted, range(len(going)), strict=True):
+            predicted = Linear(state, True, n_classes).predict(x_val)
+            loss = loss_per_row(predicted, y_val, objective).mean()
+            if loss < best[p]:
+                best[p], states[p] = loss, state
+            if loss <= best[p]:
+                still.append(at)
+        going, start = [going[at] for at in still], coef[still]
+        if not going:
             break
-    return chosen
-
-
-def probabilities(model: LogisticRegression | DummyClassifier, x: np.ndarray, n_classes: int
-                  ) -> np.ndarray:
-    """predict_proba spread over all ``n_classes`` (classes absent from training get 0)."""
-    out = np.zeros((len(x), n_classes), dtype=np.float32)
-    out[:, model.classes_] = model.predict_proba(x)
-    return out
+    return states

@@ -132,7 +132,8 @@ def cross_fit_probe(name: str, source: FeatureSource, objective: Objective,
                     balanced: bool, folds: int, seed: int) -> ProbeFit:
     """The linear probe cross-fitted like a head, so a combiner may choose it.
 
-    The expert's features are taken (copied and scaled) once for all rows, not once per fold.
+    The expert's features are taken (copied and scaled) once for all rows, and the folds'
+    fits and the refit are solved together (``Linear.fit_many``).
     """
     train_rows, val_rows = rows["train"], rows["val"]
     every = np.unique(np.concatenate(list(rows.values())))
@@ -141,17 +142,15 @@ def cross_fit_probe(name: str, source: FeatureSource, objective: Objective,
     def x(r: np.ndarray) -> np.ndarray:
         return x_all[np.searchsorted(every, r)]
 
-    def fit(fit_rows: np.ndarray) -> Linear:
-        return Linear.fit(x(fit_rows), objective.y[fit_rows], x(val_rows),
-                          objective.y[val_rows], objective, n_classes, balanced)
-
-    outputs = np.zeros((source.n_rows, n_classes), dtype=np.float32)
     fold_of = group_folds(subjects[train_rows], folds, seed)
-    for fold in range(fold_of.max() + 1):
-        held, fit_rows = train_rows[fold_of == fold], train_rows[fold_of != fold]
-        if len(fit_rows):
-            outputs[held] = fit(fit_rows).predict(x(held))
-    linear = fit(train_rows)
+    held = [fold_of == fold for fold in range(fold_of.max() + 1) if (fold_of != fold).any()]
+    masks = np.array([~h for h in held] + [np.ones(len(train_rows), dtype=bool)])
+    *fold_fits, linear = Linear.fit_many(x(train_rows), objective.y[train_rows], masks,
+                                         x(val_rows), objective.y[val_rows], objective,
+                                         n_classes, balanced)
+    outputs = np.zeros((source.n_rows, n_classes), dtype=np.float32)
+    for h, fitted in zip(held, fold_fits, strict=True):
+        outputs[train_rows[h]] = fitted.predict(x(train_rows[h]))
     others = np.setdiff1d(every, train_rows)
     outputs[others] = linear.predict(x(others))
     return ProbeFit(outputs, linear)

@@ -92,7 +92,7 @@ class Combiners:
             learners[UNIFORM] = _each(self._fixed(
                 np.full(len(self.experts), 1 / len(self.experts)), UNIFORM))
             learners["greedy"] = _each(self._greedy)
-            learners["stacking"] = _each(self._stacking)
+            learners["stacking"] = self._stacking
             learners[GATE_NAME] = self._gate
         self.learners = learners
 
@@ -123,14 +123,17 @@ class Combiners:
         return Fitted({"name": "greedy", "weights": weights.tolist()},
                       [fixed_mixture(self.stacked[r], weights) for r in targets])
 
-    def _stacking(self, rows: np.ndarray, targets: Sequence[np.ndarray]) -> Fitted:
+    def _stacking(self, jobs: Sequence[Job]) -> list[Fitted]:
         y = self.objective.y
-        stacker = Stacker(self.objective.classification, self.stacked.shape[2],
-                          self.balanced).fit(
-            self.stacked[rows], y[rows], self.stacked[self.val_rows], y[self.val_rows],
-            self.objective)
-        return Fitted({"name": "stacking", "stacker": stacker.state},
-                      [stacker.predict(self.stacked[r]) for r in targets])
+        union = np.unique(np.concatenate([rows for rows, _ in jobs]))
+        masks = np.array([np.isin(union, rows) for rows, _ in jobs])
+        stackers = Stacker(self.objective.classification, self.stacked.shape[2],
+                           self.balanced).fit_many(
+            self.stacked[union], y[union], masks, self.stacked[self.val_rows],
+            y[self.val_rows], self.objective)
+        return [Fitted({"name": "stacking", "stacker": stacker.state},
+                       [stacker.predict(self.stacked[r]) for r in targets])
+                for stacker, (_, targets) in zip(stackers, jobs, strict=True)]
 
     def _gate(self, jobs: Sequence[Job]) -> list[Fitted]:
         banks = fit_weightings(self.source.dims()[GATE], _gate_input, [GATE], self.source,

@@ -1,0 +1,99 @@
+"""The batched logistic solver finds scikit-learn's solution, problem by problem."""
+
+import warnings
+
+import numpy as np
+import pytest
+from sklearn.exceptions import ConvergenceWarning
+from sklearn.linear_model import LogisticRegression
+
+from stages.fit.combine import CS, Linear, logistic_path, loss_per_row
+from stages.fit.logistic import LogisticFits
+from stages.fit.train import Objective
+
+
+def _data(n_classes: int, n: int = 400, d: int = 30, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(n, d)) @ rng.normal(size=(d, d)) / np.sqrt(d)  # correlated columns
+    logits = x[:, :n_classes] * 2 + rng.normal(size=(n, n_classes))
+    y = logits.argmax(1)
+    if n_classes > 2:  # unequal classes, one of them rare
+        y[rng.random(n) < 0.3] = 0
+        y[(y == n_classes - 1) & (rng.random(n) < 0.8)] = 1
+    return (x - x.mean(0)) / x.std(0), y
+
+
+def _reference(x, y, c, balanced):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ConvergenceWarning)
+        return LogisticRegression(C=c, tol=1e-10, max_iter=20_000,
+                                  class_weight="balanced" if balanced else None).fit(x, y)
+
+
+@pytest.mark.parametrize("n_classes", [2, 5])
+@pytest.mark.parametrize("balanced", [False, True])
+def test_every_problem_gets_scikit_learns_probabilities(n_classes, balanced):
+    x, y = _data(n_classes)
+    rng = np.random.default_rng(1)
+    masks = rng.random((4, len(y))) < 0.75
+    masks[3] = True
+    cs = np.array([0.01, 0.1, 1.0, 10.0])
+    states, _ = LogisticFits(x, y, n_classes, balanced).fit(masks, cs, tolerance=1e-9)
+    for mask, c, state in zip(masks, cs, states, strict=True):
+        reference = _reference(x[mask], y[mask], c, balanced)
+        assert state["classes"] == reference.classes_.tolist()
+        expected = np.zeros((len(x), n_classes))
+        expected[:, reference.classes_] = reference.predict_proba(x)
+        np.testing.assert_allclose(Linear(state, True, n_classes).predict(x), expected,
+                                   atol=2e-4)
+
+
+def test_a_class_missing_from_a_problems_rows_gets_no_probability():
+    x, y = _data(5)
+    mask = y != 4
+    states, _ = LogisticFits(x, y, 5, False).fit(mask[None], np.array([1.0]), tolerance=1e-9)
+    reference = _reference(x[mask], y[mask], 1.0, False)
+    assert states[0]["classes"] == [0, 1, 2, 3]
+    predicted = Linear(states[0], True, 5).predict(x)
+    assert (predicted[:, 4] == 0).all()
+    np.testing.assert_allclose(predicted[:, :4], reference.predict_proba(x), atol=2e-4)
+
+
+def test_two_classes_of_many_are_stored_as_scikit_learn_stores_them():
+    x, y = _data(5)
+    mask = np.isin(y, [1, 3])
+    states, _ = LogisticFits(x, y, 5, False).fit(mask[None], np.array([1.0]), tolerance=1e-9)
+    assert states[0]["classes"] == [1, 3]
+    assert np.asarray(states[0]["coef"]).shape == (1, x.shape[1])
+    probability = Linear(states[0], True, 5).predict(x)
+    assert np.allclose(probability.sum(1), 1.0) and (probability[:, [0, 2, 4]] == 0).all()
+
+
+@pytest.mark.parametrize("n_classes", [2, 4])
+def test_the_path_keeps_the_c_where_validation_loss_first_stops_falling(n_classes):
+    x, y = _data(n_classes, n=300, d=60, seed=3)  # wide enough to overfit at large C
+    x_val, y_val = _data(n_classes, n=200, d=60, seed=3)
+    objective = Objective(y, True)
+    masks = np.ones((2, len(y)), dtype=bool)
+    masks[0, ::3] = False
+    chosen = logistic_path(x, y, masks, x_val, y_val, n_classes, False, objective)
+    for mask, state in zip(masks, chosen, strict=True):
+        best, expected = np.inf, None
+        for c in sorted(CS):
+            model = _reference(x[mask], y[mask], c, False)
+            p = np.zeros((len(x_val), n_classes))
+            p[:, model.classes_] = model.predict_proba(x_val)
+            loss = loss_per_row(p, y_val, objective).mean()
+            if loss >= best:
+                break
+            best, expected = loss, p
+        np.testing.assert_allclose(Linear(state, True, n_classes).predict(x_val), expected,
+                                   atol=5e-4)
+
+
+def test_rows_of_one_class_predict_that_class():
+    x, y = _data(2)
+    mask = y == 1
+    (state,) = logistic_path(x, y, mask[None], x, y, 2, False, Objective(y, True))
+    assert state == {"classes": [1], "prior": [1.0]}
+    assert (Linear(state, True, 2).predict(x)[:, 1] == 1).all()
