@@ -19,7 +19,7 @@ from stages.fit.bank import (
 )
 from stages.fit.features import FeatureSource
 from stages.fit.model import ModelConfig
-from stages.fit.train import Objective
+from stages.fit.train import Objective, heads_criterion
 
 N = 240
 
@@ -122,6 +122,55 @@ def test_a_member_trained_in_the_bank_predicts_what_it_predicts_alone(classifica
                 exported(torch.from_numpy(source.take(test, ["x"])["x"])).numpy(),
                 batched[m].numpy(), rtol=1e-5, atol=1e-6)  # in float32
     assert not np.allclose(batched[0].numpy(), batched[2].numpy())
+
+
+@pytest.mark.parametrize("classification", [False, True])
+def test_members_with_their_own_scaling_and_targets_train_as_they_would_alone(classification):
+    """Cross-validation folds in one bank: each member standardises the features and the
+    target (or weighs the classes) by its own training rows."""
+    source, objective = _data(classification)
+    raw = source.take(np.arange(N), ["x"])["x"] * 3.0 + 5.0  # features far from scaled
+    source = _source({"x": raw})
+    d_out = 3 if classification else 1
+    config = ModelConfig(hidden=16, lora_r=4, lora_alpha=8)
+    rng = np.random.default_rng(2)
+    rows = rng.permutation(N)
+    test = np.sort(rows[200:])
+    train = [np.sort(rows[:90]), np.sort(rows[60:160])]
+    val = [np.sort(rows[160:200]), np.sort(rows[:40])]
+    scalings, objectives = [], []
+    for t in train:
+        source.fit_scaling(t)
+        scalings.append(source.scaling["x"])
+        if classification:
+            counts = np.bincount(objective.y[t], minlength=3)
+            objectives.append(Objective(objective.y, True, class_weight=torch.tensor(
+                len(t) / (3 * counts), dtype=torch.float64)))
+        else:
+            y = objective.y
+            objectives.append(Objective((y - y[t].mean()) / y[t].std(), False, "l1"))
+    base_mean, base_std = raw[np.concatenate(train)].mean(0), raw[np.concatenate(train)].std(0)
+    source.scaling = {"x": (base_mean, base_std)}
+    settings = dict(lr=3e-3, weight_decay=1e-3, max_epochs=30, patience=4, seed=5)
+    bank = HeadBank(6, d_out, config, [21, 22])
+    bank.double()
+    bank.set_input_scaling(np.stack([base_std / std for _, std in scalings]),
+                           np.stack([(base_mean - mean) / std for mean, std in scalings]))
+    heads = [bank.export(m).double() for m in range(2)]
+    reader = Reader(source, ["x"], torch.device("cpu"))
+    bank.precompute(reader.resident["x"])
+    train_banks(Banks({"x": bank}), reader,
+                heads_criterion(objectives, np.array([0, 1]), torch.device("cpu")), train,
+                val, batch_size=32, **settings)
+    batched = predict_banks(Banks({"x": bank}), reader, test, 64)
+    union = np.unique(np.concatenate(train))
+    for m, head in enumerate(heads):
+        source.scaling = {"x": scalings[m]}  # the member alone reads its own scaling
+        _alone(head, source, objectives[m], train[m], val[m], union,
+               batch_size_for(len(union), 32), **settings)
+        with torch.no_grad():
+            alone = head(torch.from_numpy(source.take(test, ["x"])["x"]))
+        np.testing.assert_allclose(batched[m].numpy(), alone.numpy(), rtol=1e-8, atol=1e-9)
 
 
 def test_lora_members_keep_their_hidden_weights_frozen():

@@ -284,8 +284,8 @@ def test_variants_cross_fit_shared_heads_once(fake, monkeypatch):
     calls = []
     real = run.cross_fit
 
-    def counting(jobs, *args, **kwargs):  # jobs: (expert, seed)
-        calls.extend(name for name, _ in jobs)
+    def counting(jobs, *args, **kwargs):  # jobs: (expert, seed, split)
+        calls.extend(name for name, _, _ in jobs)
         return real(jobs, *args, **kwargs)
 
     monkeypatch.setattr(run, "cross_fit", counting)

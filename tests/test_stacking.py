@@ -144,6 +144,47 @@ def test_no_combiner_learns_from_rows_its_experts_were_fitted_on(noisy, monkeypa
     assert set(learnt["_gate"][-1].tolist()) == set(train.tolist())  # the gate kept: all
 
 
+def test_cross_validation_fits_every_head_in_one_pass_and_none_predicts_its_own_rows(
+        noisy, monkeypatch):
+    import stages.fit.run as run
+
+    root, _, _ = noisy
+    plans: list[list[set]] = []
+    calls: list[tuple] = []
+    real_train, real_predict, real_cross = (crossfit.train_banks, crossfit.predict_banks,
+                                            run.cross_fit)
+
+    def spy_train(banks, reader, criterion, train, val, **kw):
+        plans.append([set(rows.tolist()) for rows in train])
+        return real_train(banks, reader, criterion, train, val, **kw)
+
+    def spy_predict(banks, reader, rows, batch_size):  # each head outputs its own index
+        out = real_predict(banks, reader, rows, batch_size)
+        return torch.arange(len(out), dtype=out.dtype)[:, None, None].expand_as(out).clone()
+
+    def spy_cross(jobs, splits, *args, **kwargs):
+        calls.append((jobs, splits, real_cross(jobs, splits, *args, **kwargs)))
+        return calls[-1][2]
+
+    monkeypatch.setattr(crossfit, "train_banks", spy_train)
+    monkeypatch.setattr(crossfit, "predict_banks", spy_predict)
+    monkeypatch.setattr(run, "cross_fit", spy_cross)
+    fit_task("rr", _params(seeds=2, bootstrap=0, max_epochs=5), root / "cohort.parquet",
+             root / "cache", baselines=False)
+    assert len(calls) == 1  # the folds of both seeds, and the saved model's heads
+    jobs, splits, fitted = calls[0]
+    assert len(splits) == 2 * 3 + 1  # 3 cross-validation folds per seed + the fixed split
+    assert len({(name, seed) for name, seed, _ in jobs}) == 4 * 2
+    for job in jobs:
+        rows = splits[job[2]].rows
+        every = np.concatenate(list(rows.values()))
+        heads = fitted[job].outputs[every, 0].astype(int)
+        for row, head in zip(every, heads, strict=True):
+            assert row not in plans[0][head]  # no head predicts a row it was fitted on
+        assert set(rows["test"].tolist()).isdisjoint(
+            set().union(*(plans[0][h] for h in np.unique(heads))))
+
+
 def test_group_folds_and_cross_validation_keep_subjects_apart():
     rng = np.random.default_rng(0)
     subjects = rng.integers(0, 37, 300).astype(str)

@@ -126,6 +126,29 @@ class HeadBank(_Stacked):
         self.d_in, self.d_out, self.config, self.lora = d_in, d_out, config, lora
         self.scale = config.lora_alpha / config.lora_r if lora else 0.0
         self.first: torch.Tensor | None = None
+        self.register_buffer("in_scale", None, persistent=False)
+        self.register_buffer("in_shift", None, persistent=False)
+
+    def set_input_scaling(self, scale: np.ndarray, shift: np.ndarray) -> None:
+        """Member ``m`` reads ``x * scale[m] + shift[m]`` (M, D) instead of the batch's ``x``.
+
+        Members fitted on different training rows (the folds of cross-validation) scale the
+        features with their own rows' moments; the batch is scaled once with shared ones,
+        and each member's affine correction (near 1 and 0, so nothing cancels in float32)
+        is applied inside its products: ``(x * a + c) @ W = x @ (a * W) + c @ W``."""
+        self.in_scale = torch.as_tensor(scale, dtype=self.flat.dtype, device=self.flat.device)
+        self.in_shift = torch.as_tensor(shift, dtype=self.flat.dtype, device=self.flat.device)
+
+    def _project(self, x: torch.Tensor, w: torch.Tensor, members: torch.Tensor | None
+                 ) -> torch.Tensor:
+        """(B, D) features through each member's (M', D, k) weights -> (M', B, k), with the
+        member's input scaling."""
+        if self.in_scale is None:
+            return torch.einsum("bd,mdk->mbk", x, w)
+        scale, shift = ((self.in_scale, self.in_shift) if members is None
+                        else (self.in_scale[members], self.in_shift[members]))
+        return (torch.einsum("bd,mdk->mbk", x, scale[..., None] * w)
+                + torch.einsum("md,mdk->mk", shift, w)[:, None])
 
     def precompute(self, x: torch.Tensor) -> None:
         """Keep the frozen first layer's output (M, N, h) for every row of ``x`` (N, D),
@@ -136,16 +159,25 @@ class HeadBank(_Stacked):
         if self.lora and size <= FIRST_LAYER_CACHE_GB * 2**30:
             w = self.weights()
             with torch.no_grad():
-                self.first = torch.einsum("nd,mdh->mnh", x, w["w1"]) + w["b1"][:, None]
+                self.first = self._project(x, w["w1"], None) + w["b1"][:, None]
 
     def _adapted(self, x: torch.Tensor, base: torch.Tensor, w: dict[str, torch.Tensor],
-                 layer: int) -> torch.Tensor:
+                 layer: int, members: torch.Tensor | None) -> torch.Tensor:
         if not self.lora:
             return base
-        if self.training and self.config.lora_dropout:
-            x = F.dropout(x, self.config.lora_dropout)
         a, lora_b = w[f"a{layer}"], w[f"l{layer}"]
-        down = (torch.einsum("bd,mdr->mbr", x, a) if x.dim() == 2 else torch.bmm(x, a))
+        if x.dim() == 3:  # a hidden layer's input, already per member
+            if self.training and self.config.lora_dropout:
+                x = F.dropout(x, self.config.lora_dropout)
+            down = torch.bmm(x, a)
+        elif self.training and self.config.lora_dropout:  # the features, scaled per member
+            keep = F.dropout(torch.ones_like(x), self.config.lora_dropout)
+            down = self._project(x * keep, a, members)
+            if self.in_shift is not None:  # the shift is dropped with its feature too
+                shift = self.in_shift if members is None else self.in_shift[members]
+                down = down + torch.einsum("bd,mdk->mbk", keep - 1, shift[..., None] * a)
+        else:
+            down = self._project(x, a, members)
         return base + self.scale * torch.bmm(down, lora_b)
 
     def forward(self, x: torch.Tensor, members: torch.Tensor | None = None,
@@ -158,13 +190,13 @@ class HeadBank(_Stacked):
             base = (self.first[:, rows] if members is None
                     else self.first[members[:, None], rows[None, :]])
         else:
-            base = torch.einsum("bd,mdh->mbh", x, w["w1"]) + w["b1"][:, None]
-        hidden = torch.relu(self._adapted(x, base, w, 1))
-        base = torch.bmm(hidden, w["w2"]) + w["b2"][:, None]
-        hidden = torch.relu(self._adapted(hidden, base, w, 2))
-        out = torch.bmm(hidden, w["w3"]) + w["b3"][:, None]
+            base = self._project(x, w["w1"], members) + w["b1"][:, None]
+        hidden = torch.relu(self._adapted(x, base, w, 1, members))
+        base = torch.baddbmm(w["b2"][:, None], hidden, w["w2"])
+        hidden = torch.relu(self._adapted(hidden, base, w, 2, members))
+        out = torch.baddbmm(w["b3"][:, None], hidden, w["w3"])
         if self.config.skip:
-            out = out + torch.einsum("bd,mdk->mbk", x, w["ws"]) + w["bs"][:, None]
+            out = out + self._project(x, w["ws"], members) + w["bs"][:, None]
         return out
 
     def set_skip(self, member: int, coef: np.ndarray, intercept: float) -> None:
@@ -316,20 +348,24 @@ class BatchedAdamW:
 
 @dataclass
 class Criterion:
-    """Per-row loss of every member, ``(loss (M, B), weight (M, B) or (B,))``, and an
-    optional per-row penalty (M, B) averaged without weights (the gate's prior).
+    """Per-row loss of the members computed, ``rows(out, chunk, members)`` ->
+    ``(loss (M', B), weight (M', B) or (B,))`` (``members``: their indices, as members may
+    have their own targets), and an optional per-row penalty (M', B) averaged without
+    weights (the gate's prior).
 
     A member's loss on some rows is Σ weight·loss / Σ weight (+ mean penalty) over them:
     ``F.nll_loss``'s weighted mean, or a plain mean when every weight is 1.
     """
 
-    rows: Callable[[torch.Tensor, np.ndarray], tuple[torch.Tensor, torch.Tensor]]
+    rows: Callable[[torch.Tensor, np.ndarray, torch.Tensor],
+                   tuple[torch.Tensor, torch.Tensor]]
     penalty: Callable[[torch.Tensor], torch.Tensor] | None = None
 
-    def sums(self, out: torch.Tensor, chunk: np.ndarray, mask: torch.Tensor
-             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    def sums(self, out: torch.Tensor, chunk: np.ndarray, mask: torch.Tensor,
+             members: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
+                                             torch.Tensor]:
         """(Σ w·loss, Σ w, Σ penalty, Σ 1) per member over the masked rows of a batch."""
-        loss, weight = self.rows(out, chunk)
+        loss, weight = self.rows(out, chunk, members)
         weight = mask * weight
         counted = mask.to(loss.dtype)
         penalty = ((self.penalty(out) * counted).sum(1) if self.penalty is not None
@@ -434,7 +470,7 @@ def _evaluate(banks: Banks, reader: Reader, criterion: Criterion, owned: torch.T
     with torch.no_grad():
         for chunk, x in reader.batches(rows, batch_size, None):
             sums = criterion.sums(banks(x, members, _index(chunk, owned.device)), chunk,
-                                  _columns(owned[members], chunk))
+                                  _columns(owned[members], chunk), members)
             totals = sums if totals is None else tuple(
                 a + b for a, b in zip(totals, sums, strict=True))
     if totals is not None:
@@ -477,7 +513,7 @@ def train_banks(banks: Banks, reader: Reader, criterion: Criterion, train: list[
             if not len(members):
                 continue
             out = banks(x, members, _index(chunk, device))
-            Criterion.mean(criterion.sums(out, chunk, mask[members])).sum().backward()
+            Criterion.mean(criterion.sums(out, chunk, mask[members], members)).sum().backward()
             optimiser.step(stepping)
         banks.eval()
         loss = _evaluate(banks, reader, criterion, owned_val, union_val, batch_size, active)

@@ -44,7 +44,8 @@ def _weighting_criterion(objective: Objective, outputs: torch.Tensor, n_experts:
     """
     y_all = torch.from_numpy(objective.y).to(outputs.device)
 
-    def rows(weights: torch.Tensor, chunk: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    def rows(weights: torch.Tensor, chunk: np.ndarray, _: torch.Tensor
+             ) -> tuple[torch.Tensor, torch.Tensor]:
         index = torch.from_numpy(chunk).to(outputs.device)
         out, y = outputs[index], y_all[index]
         if expected and not objective.classification:

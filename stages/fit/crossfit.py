@@ -22,7 +22,7 @@ from stages.fit.combine import Linear
 from stages.fit.features import FeatureSource
 from stages.fit.model import ModelConfig
 from stages.fit.probes import robust_linear
-from stages.fit.train import Objective
+from stages.fit.train import Objective, heads_criterion
 
 
 def group_folds(groups: np.ndarray, k: int, seed: int) -> np.ndarray:
@@ -51,71 +51,105 @@ class ExpertFit:
     head: torch.nn.Module
 
 
-def cross_fit(jobs: list[tuple[str, int]], source: FeatureSource, objective: Objective,
-              rows: dict[str, np.ndarray], subjects: np.ndarray, d_out: int,
-              config: ModelConfig, params: FitParams, seed: int, device: torch.device
-              ) -> dict[tuple[str, int], ExpertFit]:
-    """For each job (expert, seed): OOF outputs on ``rows['train']`` over ``params.oof_folds``
-    subject folds, then the head refitted on all of them; ``rows['val']`` drives early
-    stopping throughout.
+@dataclass
+class Split:
+    """Rows heads are fitted on (``train``, with ``val`` for early stopping, the rest only
+    predicted), the objective they fit there, and the feature scaling of its training rows."""
+
+    rows: dict[str, np.ndarray]
+    objective: Objective
+    scaling: dict[str, tuple[np.ndarray, np.ndarray]]
+
+
+Job = tuple[str, int, int]  # (expert, seed, index of its split)
+
+
+def cross_fit(jobs: list[Job], splits: list[Split], source: FeatureSource,
+              subjects: np.ndarray, d_out: int, config: ModelConfig, params: FitParams,
+              seed: int, device: torch.device) -> dict[Job, ExpertFit]:
+    """For each job (expert, seed, split): OOF outputs on the split's training rows over
+    ``params.oof_folds`` subject folds, then the head refitted on all of them; the split's
+    validation rows drive early stopping throughout.
 
     Every job's (folds + 1) heads are members of one ``Banks`` (a bank per expert, holding
-    that expert's jobs) trained in one pass over the training rows (``stages.fit.bank``).
-    A job's folds and its heads' initialisation come from its own seed; ``seed`` shuffles
-    the pass's batches.
+    that expert's jobs) trained in one pass over the training rows of every split
+    (``stages.fit.bank``): the seeds of a fixed split, and the folds of cross-validation
+    with them. Batches are scaled with ``source.scaling``; a member whose split scales
+    otherwise corrects it inside its products (``HeadBank.set_input_scaling``). A job's folds
+    and its heads' initialisation come from its own seed; ``seed`` shuffles the batches.
     """
-    train_rows, val_rows = rows["train"], rows["val"]
-    others = np.concatenate([r for s, r in rows.items() if s != "train"])
-    members: dict[tuple[str, int], list[tuple[np.ndarray, np.ndarray]]] = {}
-    for name, job_seed in jobs:  # (rows fitted on, rows predicted) per member
-        folds = group_folds(subjects[train_rows], params.oof_folds, job_seed)
-        members[name, job_seed] = [(train_rows[folds != f], train_rows[folds == f])
-                                   for f in range(folds.max() + 1) if (folds != f).any()]
-        members[name, job_seed].append((train_rows, others))
-    names = list(dict.fromkeys(name for name, _ in jobs))
+    members: dict[Job, list[tuple[np.ndarray, np.ndarray]]] = {}
+    for job in jobs:  # (rows fitted on, rows predicted) per member
+        rows = splits[job[2]].rows
+        train_rows = rows["train"]
+        others = np.concatenate([r for s, r in rows.items() if s != "train"])
+        folds = group_folds(subjects[train_rows], params.oof_folds, job[1])
+        members[job] = [(train_rows[folds != f], train_rows[folds == f])
+                        for f in range(folds.max() + 1) if (folds != f).any()]
+        members[job].append((train_rows, others))
+    names = list(dict.fromkeys(job[0] for job in jobs))
     by_expert = {b: [job for job in jobs if job[0] == b] for b in names}
     dims = source.dims()
     banks = Banks({b: HeadBank(dims[b], d_out, config, [
-        job_seed * 1000 + (m if m < len(members[b, job_seed]) - 1 else 999)
-        for _, job_seed in by_expert[b] for m in range(len(members[b, job_seed]))])
-        for b in names})
+        job[1] * 1000 + (m if m < len(members[job]) - 1 else 999)
+        for job in by_expert[b] for m in range(len(members[job]))]) for b in names})
     order = [job for b in names for job in by_expert[b]]  # the members' order in ``banks``
     fitted = [f for job in order for f, _ in members[job]]
-    if config.skip and not objective.classification and source.in_memory:
-        start, starts = 0, {}  # (expert, rows) -> its linear map: a refit's rows recur
-        for name, job_seed in order:
-            x = source.take(train_rows, [name])[name]
-            for m, (rows_m, _) in enumerate(members[name, job_seed]):
-                key = (name, rows_m.tobytes())
+    groups = np.array([job[2] for job in order for _ in members[job]])
+    affine = {b: [_affine(source.scaling[b], splits[job[2]].scaling[b])
+                  for job in by_expert[b] for _ in members[job]] for b in names}
+    for b in names:
+        if any(c.any() or (a != 1).any() for a, c in affine[b]):
+            banks.banks[b].set_input_scaling(np.stack([a for a, _ in affine[b]]),
+                                             np.stack([c for _, c in affine[b]]))
+    objectives = [split.objective for split in splits]
+    if config.skip and not objectives[0].classification and source.in_memory:
+        starts = {}  # (expert, split, rows) -> its linear map: a refit's rows recur
+        at_member = 0
+        for job in order:
+            name, _, index = job
+            a, c = affine[name][at_member - banks.offsets()[name]]
+            for m, (rows_m, _) in enumerate(members[job]):
+                key = (name, index, rows_m.tobytes())
                 if key not in starts:
-                    at = np.searchsorted(train_rows, rows_m)
-                    starts[key] = robust_linear(x[at], objective.y[rows_m], subjects[rows_m])
-                banks.banks[name].set_skip(start + m - banks.offsets()[name], *starts[key])
-            start += len(members[name, job_seed])
+                    x = source.take(rows_m, [name])[name] * a + c
+                    starts[key] = robust_linear(x, objectives[index].y[rows_m],
+                                                subjects[rows_m])
+                banks.banks[name].set_skip(at_member + m - banks.offsets()[name], *starts[key])
+            at_member += len(members[job])
     banks.to(device)
     reader = Reader(source, names, device)
     if reader.resident is not None:
         for b in names:
             banks.banks[b].precompute(reader.resident[b])
-    train_banks(banks, reader, objective.criterion(device), fitted,
-                [val_rows] * len(fitted), lr=params.lr, weight_decay=params.weight_decay,
-                batch_size=params.batch_size, max_epochs=params.max_epochs,
-                patience=params.patience, seed=seed)
-    every = np.unique(np.concatenate(list(rows.values())))
+    train_banks(banks, reader, heads_criterion(objectives, groups, device), fitted,
+                [splits[g].rows["val"] for g in groups], lr=params.lr,
+                weight_decay=params.weight_decay, batch_size=params.batch_size,
+                max_epochs=params.max_epochs, patience=params.patience, seed=seed)
+    every = np.unique(np.concatenate([r for split in splits for r in split.rows.values()]))
     out = predict_banks(banks, reader, every, params.batch_size)
-    if objective.classification:
+    if objectives[0].classification:
         out = out.softmax(dim=-1)
     out = out.float().cpu().numpy()
     banks.cpu()
     result, start = {}, 0
-    for name, job_seed in order:
+    for job in order:
         outputs = np.zeros((source.n_rows, d_out), dtype=np.float32)
-        for m, (_, predicted) in enumerate(members[name, job_seed]):
+        for m, (_, predicted) in enumerate(members[job]):
             outputs[predicted] = out[start + m, np.searchsorted(every, predicted)]
-        last = start + len(members[name, job_seed]) - 1 - banks.offsets()[name]
-        result[name, job_seed] = ExpertFit(outputs, banks.banks[name].export(last))
-        start += len(members[name, job_seed])
+        last = start + len(members[job]) - 1 - banks.offsets()[job[0]]
+        result[job] = ExpertFit(outputs, banks.banks[job[0]].export(last))
+        start += len(members[job])
     return result
+
+
+def _affine(base: tuple[np.ndarray, np.ndarray], own: tuple[np.ndarray, np.ndarray]
+            ) -> tuple[np.ndarray, np.ndarray]:
+    """(a, c) with ``(x - own_mean) / own_std = x_base * a + c`` for features scaled with
+    ``base``."""
+    (base_mean, base_std), (mean, std) = base, own
+    return ((base_std / std).astype(np.float32),
+            ((base_mean - mean) / std).astype(np.float32))
 
 
 @dataclass

@@ -78,7 +78,12 @@ class FeatureSource:
             self._loaded = {name: a[0: self.n_rows] for name, a in self.arrays.items()}
 
     def fit_scaling(self, rows: np.ndarray) -> None:
-        """Per-feature mean and std on ``rows`` (the training split), applied to every batch.
+        """Per-feature mean and std on ``rows`` (the training split), applied to every batch
+        (``scaling_of``)."""
+        self.scaling = self.scaling_of(rows)
+
+    def scaling_of(self, rows: np.ndarray) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+        """Per-feature mean and std of every array on ``rows``.
 
         Frozen-backbone features vary little across ECGs around large offsets; unscaled, the
         heads start nearly blind and early stopping ends training before they learn. One
@@ -98,9 +103,9 @@ class FeatureSource:
                 n, delta = n_a + n_b, mean_b - mean_a
                 moments[name] = (n, mean_a + delta * n_b / n,
                                  m2_a + m2_b + delta ** 2 * n_a * n_b / n)
-        self.scaling = {name: (mean.astype(np.float32),
-                               np.maximum(np.sqrt(m2 / n), 1e-6).astype(np.float32))
-                        for name, (n, mean, m2) in moments.items()}
+        return {name: (mean.astype(np.float32),
+                       np.maximum(np.sqrt(m2 / n), 1e-6).astype(np.float32))
+                for name, (n, mean, m2) in moments.items()}
 
     def hold(self, rows: np.ndarray) -> None:
         """Keep ``rows`` in memory while streaming the rest (within half of

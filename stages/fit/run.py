@@ -44,7 +44,7 @@ from stages.fit.combine import (
     fixed_mixture,
     greedy_weights,
 )
-from stages.fit.crossfit import cross_fit, cross_fit_probe, group_folds
+from stages.fit.crossfit import ExpertFit, Split, cross_fit, cross_fit_probe, group_folds
 from stages.fit.features import GATE, FeatureSource, load_features
 from stages.fit.model import Ensemble, ModelConfig
 from stages.fit.probes import linear_probe
@@ -168,23 +168,46 @@ def _head_key(task: Task, name: str, seed: int, rows: dict[str, np.ndarray],
             params.max_epochs, params.patience, params.oof_folds)
 
 
-def _heads(task: Task, objective: Objective, source: FeatureSource,
-           rows: dict[str, np.ndarray], subjects: np.ndarray, d_out: int, params: FitParams,
-           seeds: list[int], memo: dict | None) -> dict[int, dict]:
-    """Every expert's cross-fitted head for each of ``seeds`` on the same rows: those not in
-    ``memo`` trained together in one pass (``cross_fit``), then kept in ``memo``."""
+def _heads(task: Task, targets: Targets, source: FeatureSource,
+           requests: list[tuple[int, dict[str, np.ndarray]]], subjects: np.ndarray,
+           d_out: int, params: FitParams, memo: dict | None) -> list[dict[str, ExpertFit]]:
+    """Every expert's cross-fitted head for each (seed, rows) request: those not in ``memo``
+    trained together in one pass (``cross_fit``; the folds of cross-validation with their
+    own target and feature scaling), then kept in ``memo``."""
     names = list(params.backbones)
     memo = {} if memo is None else memo
-    keys = {(b, seed): _head_key(task, b, seed * 100 + k, rows, params)
-            for seed in seeds for k, b in enumerate(names)}
-    missing = [(b, seed) for (b, seed), key in keys.items() if key not in memo]
+    keys = [{b: _head_key(task, b, seed * 100 + k, rows, params) for k, b in enumerate(names)}
+            for seed, rows in requests]
+    missing: dict[tuple, tuple[str, int, int]] = {}  # key -> (expert, seed, request)
+    for i, (seed, _) in enumerate(requests):
+        for k, b in enumerate(names):
+            if keys[i][b] not in memo and keys[i][b] not in missing:
+                missing[keys[i][b]] = (b, seed * 100 + k, i)
     if missing:
-        fitted = cross_fit([(b, seed * 100 + names.index(b)) for b, seed in missing], source,
-                           objective, rows, subjects, d_out, _model_config(params), params,
-                           min(seed for _, seed in missing), resolve_device(params.device))
-        memo.update({keys[b, seed]: fitted[b, seed * 100 + names.index(b)]
-                     for b, seed in missing})
-    return {seed: {b: memo[keys[b, seed]] for b in names} for seed in seeds}
+        by_rows: dict[bytes, int] = {}  # one Split per distinct row sets
+        split_at: dict[int, int] = {}  # request -> its Split
+        splits: list[Split] = []
+        for _, _, i in missing.values():
+            rows = requests[i][1]
+            digest = b"|".join(np.ascontiguousarray(rows[s]).tobytes() for s in sorted(rows))
+            if digest not in by_rows:
+                by_rows[digest] = len(splits)
+                splits.append(Split(rows, _objective(task, targets, rows["train"], params)[0],
+                                    source.scaling_of(rows["train"])))
+            split_at[i] = by_rows[digest]
+        jobs = {key: (b, seed, split_at[i]) for key, (b, seed, i) in missing.items()}
+        saved = source.scaling
+        source.scaling = (splits[0].scaling if len(splits) == 1 else source.scaling_of(
+            np.unique(np.concatenate([split.rows["train"] for split in splits]))))
+        try:
+            fitted = cross_fit(list(jobs.values()), splits, source, subjects, d_out,
+                               _model_config(params), params,
+                               min(seed for _, seed, _ in jobs.values()) // 100,
+                               resolve_device(params.device))
+        finally:
+            source.scaling = saved
+        memo.update({key: fitted[job] for key, job in jobs.items()})
+    return [{b: memo[keys[i][b]] for b in names} for i in range(len(requests))]
 
 
 def fit_split(task: Task, targets: Targets, source: FeatureSource, rows: dict[str, np.ndarray],
@@ -202,7 +225,7 @@ def fit_split(task: Task, targets: Targets, source: FeatureSource, rows: dict[st
     dims = {b: source.dims()[b] for b in names}
     d_out = 1 if task.kind == "regression" else len(targets.classes)
     device = resolve_device(params.device)
-    fits = _heads(task, objective, source, rows, subjects, d_out, params, [seed], memo)[seed]
+    fits = _heads(task, targets, source, [(seed, rows)], subjects, d_out, params, memo)[0]
     stacked = np.stack([fits[b].outputs for b in names], axis=1)  # (N, E, k)
     raw = {b: {s: stacked[rows[s], i] for s in ("val", "test")} for i, b in enumerate(names)}
     probes = {}
@@ -391,22 +414,23 @@ def fit_task(task_name: str, params: FitParams, cohort_path: Path, cache_dir: Pa
     seeds_list = list(range(params.seeds if seeds is None else seeds))
     evaluated = fixed["test"] if mode == "split" else labelled
     memo = {} if memo is None else memo
-    if not empty:  # every seed's heads on the fixed split, in one pass
-        source.fit_scaling(fixed["train"])
-        _heads(task, _objective(task, targets, fixed["train"], params)[0], source, fixed,
-               subjects, 1 if task.kind == "regression" else len(targets.classes), params,
-               seeds_list, memo)
+    folds = {seed: [fixed] if mode == "split" else cv_rows(labelled, subjects, params.cv_folds,
+                                                          seed)
+             for seed in seeds_list}
+    requests = [(seed, rows) for seed in seeds_list for rows in folds[seed]]
+    if not empty and mode == "cv":  # the saved model's, fitted on the fixed split
+        requests += [(seed, fixed) for seed in seeds_list]
+    _heads(task, targets, source, requests, subjects,  # every head of the fit, in one pass
+           1 if task.kind == "regression" else len(targets.classes), params, memo)
     per_seed: list[dict[str, _Pooled]] = []
     predictions, models, gate_means = [], {}, []
     choices: list[str] = []
     losses: list[dict[str, float]] = []
     final: SplitFit | None = None
     for seed in seeds_list:
-        folds = [fixed] if mode == "split" else cv_rows(labelled, subjects,
-                                                        params.cv_folds, seed)
         fits = [fit_split(task, targets, source, rows, subjects, params, seed, baselines, memo)
-                for rows in folds]
-        per_seed.append(_pool(task, fits, [_trivial(task, targets, r) for r in folds],
+                for rows in folds[seed]]
+        per_seed.append(_pool(task, fits, [_trivial(task, targets, r) for r in folds[seed]],
                               evaluated))
         gate_means.append(np.concatenate([f.gate for f in fits]).mean(axis=0))
         predictions.append(_prediction_rows(task, targets, cohort, fits, seed))

@@ -47,29 +47,57 @@ class Objective:
         the rows' weights (B,): the class weights, else ones."""
         if self.classification:
             log_p = prediction.clamp_min(1e-8).log()
-            index = y.view((1,) * (log_p.dim() - 2) + (-1, 1)).expand(*log_p.shape[:-1], 1)
+            index = y[..., None].expand(*log_p.shape[:-1], 1)
             loss = -log_p.gather(-1, index)[..., 0]
             weight = (self.class_weight.to(y.device)[y] if self.class_weight is not None
                       else torch.ones_like(y, dtype=loss.dtype))
             return loss, weight
-        error = prediction[..., 0] - y
+        error = prediction[..., 0] - y  # y (B,), or (M, B): a target per member
         loss = error.abs() if self.loss == "l1" else error ** 2
         return loss, torch.ones_like(y)
 
     def criterion(self, device: torch.device) -> Criterion:
-        """The loss of a bank of heads (``stages.fit.bank``): their raw outputs (M, B, k)
-        are values, or logits turned into probabilities as ``Ensemble`` does."""
-        y = torch.from_numpy(self.y).to(device)
-
-        def rows(out: torch.Tensor, chunk: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-            prediction = out.softmax(dim=-1) if self.classification else out
-            return self.rows(prediction, y[torch.from_numpy(chunk).to(device)])
-        return Criterion(rows)
+        """The loss of a bank of heads fitting this objective (``heads_criterion``)."""
+        return heads_criterion([self], np.zeros(0, dtype=np.int64), device)
 
     def __call__(self, mixture: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """The mean loss over rows (class-weighted as ``F.nll_loss`` weighs)."""
         loss, weight = self.rows(mixture, y)
         return (loss * weight).sum() / weight.sum().clamp_min(1e-12)
+
+
+def heads_criterion(objectives: list[Objective], groups: np.ndarray, device: torch.device
+                    ) -> Criterion:
+    """The loss of a bank of heads (``stages.fit.bank``) whose member ``m`` fits
+    ``objectives[groups[m]]`` (all the first when ``groups`` is empty): the cross-validation
+    folds' heads standardise the target, or weigh the classes, by their own training rows.
+    Raw outputs (M, B, k) are values, or logits turned into probabilities as ``Ensemble``
+    does."""
+    first = objectives[0]
+    group = torch.as_tensor(groups, dtype=torch.long, device=device)
+
+    def of(members: torch.Tensor) -> torch.Tensor:
+        return group[members] if len(group) else torch.zeros_like(members)
+
+    if not first.classification:
+        y = torch.from_numpy(np.stack([o.y for o in objectives])).to(device)
+
+        def values(out: torch.Tensor, chunk: np.ndarray, members: torch.Tensor
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+            return first.rows(out, y[of(members)][:, torch.from_numpy(chunk).to(device)])
+        return Criterion(values)
+    labels = torch.from_numpy(first.y).to(device)
+    weights = (torch.stack([o.class_weight for o in objectives]).to(device)
+               if first.class_weight is not None else None)
+
+    def classes(out: torch.Tensor, chunk: np.ndarray, members: torch.Tensor
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        y = labels[torch.from_numpy(chunk).to(device)]
+        loss, weight = first.rows(out.softmax(dim=-1), y)
+        if weights is not None:
+            weight = weights[of(members)][:, y]
+        return loss, weight
+    return Criterion(classes)
 
 
 def _inputs(model: Ensemble) -> list[str]:
