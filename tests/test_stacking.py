@@ -89,14 +89,13 @@ def test_an_expert_that_measures_the_target_is_not_drowned_by_noisy_ones(noisy):
     assert ensemble <= min(metrics["methods"][f"noise{k}"]["mae"]["mean"] for k in range(3))
 
 
-@pytest.mark.parametrize("combiner", ["select", "gate"])
-def test_no_combiner_learns_from_rows_its_experts_were_fitted_on(noisy, monkeypatch, combiner):
+def _spy_heads(monkeypatch) -> tuple[list[list[set]], list[tuple]]:
+    """Record each heads' pass: the rows every member was fitted on (``plans``), and each
+    ``cross_fit`` call's (jobs, splits, result), where every head outputs its own index."""
     import stages.fit.run as run
 
-    root, _, _ = noisy
-    plans: list[list[set]] = []  # per pass: the rows each head (member) was fitted on
-    passes: list[dict] = []  # per pass: each expert's assembled outputs
-    learnt: dict[str, list[np.ndarray]] = {}
+    plans: list[list[set]] = []
+    calls: list[tuple] = []
     real_train, real_predict, real_cross = (crossfit.train_banks, crossfit.predict_banks,
                                             run.cross_fit)
 
@@ -104,13 +103,25 @@ def test_no_combiner_learns_from_rows_its_experts_were_fitted_on(noisy, monkeypa
         plans.append([set(rows.tolist()) for rows in train])
         return real_train(banks, reader, criterion, train, val, **kw)
 
-    def spy_predict(banks, reader, rows, batch_size):  # each head outputs its own index
+    def spy_predict(banks, reader, rows, batch_size):
         out = real_predict(banks, reader, rows, batch_size)
         return torch.arange(len(out), dtype=out.dtype)[:, None, None].expand_as(out).clone()
 
-    def spy_cross(*args, **kwargs):
-        passes.append(real_cross(*args, **kwargs))
-        return passes[-1]
+    def spy_cross(jobs, splits, *args, **kwargs):
+        calls.append((jobs, splits, real_cross(jobs, splits, *args, **kwargs)))
+        return calls[-1][2]
+
+    monkeypatch.setattr(crossfit, "train_banks", spy_train)
+    monkeypatch.setattr(crossfit, "predict_banks", spy_predict)
+    monkeypatch.setattr(run, "cross_fit", spy_cross)
+    return plans, calls
+
+
+@pytest.mark.parametrize("combiner", ["select", "gate"])
+def test_no_combiner_learns_from_rows_its_experts_were_fitted_on(noisy, monkeypatch, combiner):
+    root, _, _ = noisy
+    plans, calls = _spy_heads(monkeypatch)
+    learnt: dict[str, list[np.ndarray]] = {}
 
     def spy_learner(method: str):
         real = getattr(select.Combiners, method)
@@ -122,53 +133,29 @@ def test_no_combiner_learns_from_rows_its_experts_were_fitted_on(noisy, monkeypa
             return real(self, *args)
         return learn
 
-    monkeypatch.setattr(crossfit, "train_banks", spy_train)
-    monkeypatch.setattr(crossfit, "predict_banks", spy_predict)
-    monkeypatch.setattr(run, "cross_fit", spy_cross)
     for method in ("_gate", "_stacking", "_greedy", "_median"):
         monkeypatch.setattr(select.Combiners, method, spy_learner(method))
     fit_task("rr", _params(evaluation="split", bootstrap=0, combiner=combiner),
              root / "cohort.parquet", root / "cache", baselines=False)
     train = np.flatnonzero(pq.read_table(root / "cohort.parquet")["split"].to_numpy()
                            == "train")
-    assert len(passes) == 1  # every head of the fit, of every seed, in one pass
-    for fits in passes[0].values():
+    assert len(calls) == 1  # every head of the fit, of every seed, in one pass
+    for fits in calls[0][2].values():
         heads = fits.outputs[train, 0].astype(int)  # which head predicted each training row
         for row, head in zip(train, heads, strict=True):
             assert row not in plans[0][head]  # no head predicts a row it was fitted on
     expected = {"_gate", "_stacking", "_greedy", "_median"} if combiner == "select" \
         else {"_gate"}
     assert set(learnt) == expected
-    for calls in learnt.values():  # combiners learn from training rows' OOF outputs only
-        assert all(set(rows.tolist()) <= set(train.tolist()) for rows in calls)
+    for fitted_on in learnt.values():  # combiners learn from training rows' OOF outputs only
+        assert all(set(rows.tolist()) <= set(train.tolist()) for rows in fitted_on)
     assert set(learnt["_gate"][-1].tolist()) == set(train.tolist())  # the gate kept: all
 
 
 def test_cross_validation_fits_every_head_in_one_pass_and_none_predicts_its_own_rows(
         noisy, monkeypatch):
-    import stages.fit.run as run
-
     root, _, _ = noisy
-    plans: list[list[set]] = []
-    calls: list[tuple] = []
-    real_train, real_predict, real_cross = (crossfit.train_banks, crossfit.predict_banks,
-                                            run.cross_fit)
-
-    def spy_train(banks, reader, criterion, train, val, **kw):
-        plans.append([set(rows.tolist()) for rows in train])
-        return real_train(banks, reader, criterion, train, val, **kw)
-
-    def spy_predict(banks, reader, rows, batch_size):  # each head outputs its own index
-        out = real_predict(banks, reader, rows, batch_size)
-        return torch.arange(len(out), dtype=out.dtype)[:, None, None].expand_as(out).clone()
-
-    def spy_cross(jobs, splits, *args, **kwargs):
-        calls.append((jobs, splits, real_cross(jobs, splits, *args, **kwargs)))
-        return calls[-1][2]
-
-    monkeypatch.setattr(crossfit, "train_banks", spy_train)
-    monkeypatch.setattr(crossfit, "predict_banks", spy_predict)
-    monkeypatch.setattr(run, "cross_fit", spy_cross)
+    plans, calls = _spy_heads(monkeypatch)
     fit_task("rr", _params(seeds=2, bootstrap=0, max_epochs=5), root / "cohort.parquet",
              root / "cache", baselines=False)
     assert len(calls) == 1  # the folds of both seeds, and the saved model's heads
