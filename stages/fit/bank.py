@@ -290,8 +290,9 @@ class Banks(nn.Module):
         for name, start in self.offsets().items():
             bank = self.banks[name]
             local = members[(members >= start) & (members < start + bank.n_members)] - start
-            if len(local):
-                parts.append(bank(x[name], local, rows))
+            if len(local):  # all of a bank's members: no copy of its weights to index them
+                parts.append(bank(x[name], local if len(local) < bank.n_members else None,
+                                  rows))
         return torch.cat(parts, dim=0)
 
     def member_params(self) -> list[tuple[str, nn.Parameter, slice]]:
@@ -328,21 +329,28 @@ class BatchedAdamW:
                                  device=self.params[0][0].device)
 
     def step(self, active: torch.Tensor) -> None:
+        """Update the active members' rows only: a bank of hundreds of heads (the folds of
+        cross-validation) where a few still train pays for those few."""
         self.steps += active.to(self.steps.dtype)
         t = self.steps.clamp_min(1)
         step_size = self.lr / (1 - self.beta1 ** t)
         correction2 = torch.sqrt(1 - self.beta2 ** t)
+        on = active.nonzero()[:, 0]
         with torch.no_grad():
             for (p, span), m, v in zip(self.params, self.m, self.v, strict=True):
-                on = _per_member(active[span], p)
-                size = _per_member(step_size[span], p).to(p.dtype)
-                correction = _per_member(correction2[span], p).to(p.dtype)
-                g = torch.zeros_like(p) if p.grad is None else p.grad
-                decayed = p * (1 - self.lr * self.weight_decay)
-                m.copy_(torch.where(on, m + (1 - self.beta1) * (g - m), m))
-                v.copy_(torch.where(on, v * self.beta2 + (1 - self.beta2) * g * g, v))
-                denom = v.sqrt() / correction + self.eps
-                p.copy_(torch.where(on, decayed - size * m / denom, p))
+                rows = on[(on >= span.start) & (on < span.stop)]
+                if p.grad is None or not len(rows):
+                    p.grad = None
+                    continue
+                local = rows - span.start
+                g, m_on, v_on, p_on = p.grad[local], m[local], v[local], p[local]
+                size = _per_member(step_size[rows], p).to(p.dtype)
+                correction = _per_member(correction2[rows], p).to(p.dtype)
+                m_on = m_on + (1 - self.beta1) * (g - m_on)
+                v_on = v_on * self.beta2 + (1 - self.beta2) * g * g
+                denom = v_on.sqrt() / correction + self.eps
+                m[local], v[local] = m_on, v_on
+                p[local] = p_on * (1 - self.lr * self.weight_decay) - size * m_on / denom
                 p.grad = None
 
 

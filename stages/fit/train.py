@@ -84,7 +84,8 @@ def heads_criterion(objectives: list[Objective], groups: np.ndarray, device: tor
 
         def values(out: torch.Tensor, chunk: np.ndarray, members: torch.Tensor
                    ) -> tuple[torch.Tensor, torch.Tensor]:
-            return first.rows(out, y[of(members)][:, torch.from_numpy(chunk).to(device)])
+            index = torch.from_numpy(chunk).to(device)
+            return first.rows(out, y[of(members)[:, None], index[None, :]])
         return Criterion(values)
     labels = torch.from_numpy(first.y).to(device)
     weights = (torch.stack([o.class_weight for o in objectives]).to(device)
