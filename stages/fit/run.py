@@ -157,13 +157,17 @@ def _weight_generator(inputs: Callable, reads: list[str], d_in: int, stacked: np
             for s in ("val", "test")}
 
 
+def _rows_digest(rows: dict[str, np.ndarray]) -> str:
+    """One split's train, val and test rows, as a key."""
+    return hashlib.sha1(b"".join(np.ascontiguousarray(rows[s]).tobytes()
+                                 for s in ("train", "val", "test"))).hexdigest()
+
+
 def _head_key(task: Task, name: str, seed: int, rows: dict[str, np.ndarray],
               params: FitParams) -> tuple:
     """What a cross-fitted expert depends on besides the cache: the same key, the same fit."""
-    digest = hashlib.sha1(b"".join(np.ascontiguousarray(rows[s]).tobytes()
-                                   for s in ("train", "val", "test"))).hexdigest()
-    return (task.name, name, seed, digest, params.inputs.get(name, "features"), params.hidden,
-            params.adapter, params.lora_r, params.lora_alpha, params.lora_dropout,
+    return (task.name, name, seed, _rows_digest(rows), params.inputs.get(name, "features"),
+            params.hidden, params.adapter, params.lora_r, params.lora_alpha, params.lora_dropout,
             params.head_skip, params.loss, params.lr, params.weight_decay, params.batch_size,
             params.max_epochs, params.patience, params.oof_folds)
 
@@ -184,12 +188,12 @@ def _heads(task: Task, targets: Targets, source: FeatureSource,
             if keys[i][b] not in memo and keys[i][b] not in missing:
                 missing[keys[i][b]] = (b, seed * 100 + k, i)
     if missing:
-        by_rows: dict[bytes, int] = {}  # one Split per distinct row sets
+        by_rows: dict[str, int] = {}  # one Split per distinct row sets
         split_at: dict[int, int] = {}  # request -> its Split
         splits: list[Split] = []
         for _, _, i in missing.values():
             rows = requests[i][1]
-            digest = b"|".join(np.ascontiguousarray(rows[s]).tobytes() for s in sorted(rows))
+            digest = _rows_digest(rows)
             if digest not in by_rows:
                 by_rows[digest] = len(splits)
                 splits.append(Split(rows, _objective(task, targets, rows["train"], params)[0],
