@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 HISTORY = 10  # L-BFGS curvature pairs kept per problem
-TOLERANCE = 1e-5  # on the largest gradient entry of the mean-scaled objective
+TOLERANCE = 1e-4  # largest gradient entry of the mean-scaled objective (sklearn's default)
 MAX_ITER = 1000
 ARMIJO = 1e-4
 
