@@ -92,6 +92,7 @@ def main() -> None:
         fit = params.fit
         fit.metrics, fit.models, fit.predictions = (str(Path(out) / d)
                                                     for d in ("m", "models", "p"))
+        fit.head_store = False  # every head trained here, none read from cache/heads
         for task in args.tasks:
             TIMES.clear()
             started = time.perf_counter()

@@ -67,7 +67,8 @@ def fake(tmp_path_factory):
 
 def _params(**kw) -> FitParams:
     base = dict(backbones=["strong", "weak"], seeds=2, hidden=32, max_epochs=60, patience=10,
-                batch_size=64, evaluation="split", oof_folds=3, bootstrap=200)
+                batch_size=64, evaluation="split", oof_folds=3, bootstrap=200,
+                head_store=False)  # every test trains its heads (test_head_store: not)
     return FitParams(**{**base, **kw})
 
 
@@ -325,3 +326,64 @@ def test_streamed_and_in_memory_sources_give_the_same_batches_and_scaling(fake, 
     for chunk, data in got:
         for name, values in data.items():
             np.testing.assert_array_equal(values, memory.take(chunk)[name])
+
+
+def _count_heads(monkeypatch) -> list[str]:
+    """The experts of every head ``cross_fit`` trains from here on."""
+    import stages.fit.run as run
+
+    trained: list[str] = []
+    real = run.cross_fit
+
+    def counting(jobs, *args, **kwargs):
+        trained.extend(name for name, _, _ in jobs)
+        return real(jobs, *args, **kwargs)
+
+    monkeypatch.setattr(run, "cross_fit", counting)
+    return trained
+
+
+def test_stored_heads_are_reused_only_under_the_same_key(fake, tmp_path, monkeypatch, caplog):
+    import shutil
+
+    root, _ = fake
+    cache = tmp_path / "cache"
+    for name in ("strong", "weak", "gate"):
+        shutil.copytree(root / "cache" / f"{name}.zarr", cache / f"{name}.zarr")
+    trained = _count_heads(monkeypatch)
+    params = _params(head_store=True)
+    first = fit_task("rr", params, root / "cohort.parquet", cache).metrics
+    assert sorted(trained) == ["strong", "strong", "weak", "weak"]  # 2 experts x 2 seeds
+    stored = sorted((cache / "heads").rglob("*.pt"))
+    assert len(stored) == 4
+    trained.clear()
+    again = fit_task("rr", params, root / "cohort.parquet", cache).metrics
+    assert trained == [] and again["methods"] == first["methods"]
+    # a gate setting keeps every head; a head setting or another task trains them anew
+    fit_task("rr", _params(head_store=True, gate_hidden=8), root / "cohort.parquet", cache)
+    assert trained == []
+    fit_task("rr", _params(head_store=True, lr=3e-3), root / "cohort.parquet", cache)
+    fit_task("age", params, root / "cohort.parquet", cache)
+    assert len(trained) == 8
+    # an unreadable stored head is trained again, with a warning, and replaced whole
+    trained.clear()
+    stored[0].write_bytes(stored[0].read_bytes()[:100])
+    with caplog.at_level("WARNING"):
+        again = fit_task("rr", params, root / "cohort.parquet", cache).metrics
+    assert len(trained) == 1 and "unreadable stored head" in caplog.text
+    assert again["methods"] == first["methods"]
+    assert not [p for p in (cache / "heads").rglob("*") if p.name.startswith(".")]
+
+
+def test_a_head_trained_alone_is_the_head_trained_with_others(fake):
+    from stages.fit.head_store import HeadMemo
+
+    root, _ = fake
+    together, alone = HeadMemo(), HeadMemo()
+    fit_task("rr", _params(seeds=1), root / "cohort.parquet", root / "cache", baselines=False,
+             memo=together)
+    fit_task("rr", _params(seeds=1, backbones=["strong"]), root / "cohort.parquet",
+             root / "cache", baselines=False, memo=alone)  # first in both: the same seed
+    assert len(alone.held) == 1 and set(alone.held) < set(together.held)
+    for key, fit in alone.held.items():
+        np.testing.assert_allclose(fit.outputs, together.held[key].outputs, atol=1e-5)

@@ -14,7 +14,7 @@ import json
 from pathlib import Path
 
 from pipeline.params import FitParams
-from stages.fit.run import TaskSkipped, fit_settings, fit_task
+from stages.fit.run import TaskSkipped, fit_settings, fit_task, head_memo
 from stages.fit.tasks import TASKS
 
 
@@ -25,7 +25,7 @@ def compare_variants(params: FitParams, variants: dict[str, dict], tasks: list[s
     result: dict = {"seeds": list(range(params.seeds)), "variants": variants, "tasks": {}}
     for task in tasks:
         entry: dict = {"metric": TASKS[task].metric, "variants": {}}
-        memo: dict = {}  # heads shared by variants are cross-fitted once per task
+        memo = head_memo(params, cache_dir)  # the fit stage's heads, and each other's
         for name, overrides in variants.items():
             fit = dataclasses.replace(params, **overrides)
             reused = _fitted(Path(params.metrics) / f"{task}.json", fit) if fit == params \

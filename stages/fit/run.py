@@ -46,6 +46,7 @@ from stages.fit.combine import (
 )
 from stages.fit.crossfit import ExpertFit, Split, cross_fit, cross_fit_probe, group_folds
 from stages.fit.features import GATE, FeatureSource, load_features
+from stages.fit.head_store import FOLDER, HeadMemo, array_digest, head_key
 from stages.fit.model import Ensemble, ModelConfig
 from stages.fit.probes import linear_probe
 from stages.fit.select import GATE_NAME, PROBE, Combiners, choose, cross_validated_losses
@@ -163,30 +164,48 @@ def _rows_digest(rows: dict[str, np.ndarray]) -> str:
                                  for s in ("train", "val", "test"))).hexdigest()
 
 
-def _head_key(task: Task, name: str, seed: int, rows: dict[str, np.ndarray],
-              params: FitParams) -> tuple:
-    """What a cross-fitted expert depends on besides the cache: the same key, the same fit."""
-    return (task.name, name, seed, _rows_digest(rows), params.inputs.get(name, "features"),
-            params.hidden, params.adapter, params.lora_r, params.lora_alpha, params.lora_dropout,
-            params.head_skip, params.loss, params.lr, params.weight_decay, params.batch_size,
-            params.max_epochs, params.patience, params.oof_folds)
+def _head_key(task: Task, targets: str, fingerprint: dict, name: str, seed: int,
+              rows: dict[str, np.ndarray], params: FitParams) -> str:
+    """Everything a cross-fitted expert depends on (``stages.fit.head_store``): the same
+    key, the same fit."""
+    return head_key(task.name, targets, fingerprint, name, seed, _rows_digest(rows),
+                    params.inputs.get(name, "features"), params.hidden, params.adapter,
+                    params.lora_r, params.lora_alpha, params.lora_dropout, params.head_skip,
+                    params.loss, params.lr, params.weight_decay, params.batch_size,
+                    params.max_epochs, params.patience, params.oof_folds)
+
+
+# The heads' batches are shuffled with this seed over the union of their members' rows (the
+# split's training rows, or under cross-validation every labelled ECG), whichever experts
+# and seeds a pass holds, so a head is the same whether trained alone or with others (and a
+# stored head is the one a fresh fit trains).
+SHUFFLE_SEED = 0
 
 
 def _heads(task: Task, targets: Targets, source: FeatureSource,
            requests: list[tuple[int, dict[str, np.ndarray]]], subjects: np.ndarray,
-           d_out: int, params: FitParams, memo: dict | None) -> list[dict[str, ExpertFit]]:
+           d_out: int, params: FitParams, memo: HeadMemo) -> list[dict[str, ExpertFit]]:
     """Every expert's cross-fitted head for each (seed, rows) request: those not in ``memo``
     trained together in one pass (``cross_fit``; the folds of cross-validation with their
     own target and feature scaling), then kept in ``memo``."""
     names = list(params.backbones)
-    memo = {} if memo is None else memo
-    keys = [{b: _head_key(task, b, seed * 100 + k, rows, params) for k, b in enumerate(names)}
+    config = _model_config(params)
+    labels = array_digest(targets.y, targets.labelled, np.array(targets.classes, dtype=str))
+    keys = [{b: _head_key(task, labels, source.fingerprints.get(b, {}), b, seed * 100 + k,
+                          rows, params) for k, b in enumerate(names)}
             for seed, rows in requests]
-    missing: dict[tuple, tuple[str, int, int]] = {}  # key -> (expert, seed, request)
+    found: dict[str, ExpertFit] = {}
+    missing: dict[str, tuple[str, int, int]] = {}  # key -> (expert, seed, request)
     for i, (seed, _) in enumerate(requests):
         for k, b in enumerate(names):
-            if keys[i][b] not in memo and keys[i][b] not in missing:
-                missing[keys[i][b]] = (b, seed * 100 + k, i)
+            key = keys[i][b]
+            if key in found or key in missing:
+                continue
+            fit = memo.get(key, config)
+            if fit is not None:
+                found[key] = fit
+            else:
+                missing[key] = (b, seed * 100 + k, i)
     if missing:
         by_rows: dict[str, int] = {}  # one Split per distinct row sets
         split_at: dict[int, int] = {}  # request -> its Split
@@ -204,19 +223,25 @@ def _heads(task: Task, targets: Targets, source: FeatureSource,
         source.scaling = (splits[0].scaling if len(splits) == 1 else source.scaling_of(
             np.unique(np.concatenate([split.rows["train"] for split in splits]))))
         try:
-            fitted = cross_fit(list(jobs.values()), splits, source, subjects, d_out,
-                               _model_config(params), params,
-                               min(seed for _, seed, _ in jobs.values()) // 100,
-                               resolve_device(params.device))
+            fitted = cross_fit(list(jobs.values()), splits, source, subjects, d_out, config,
+                               params, SHUFFLE_SEED, resolve_device(params.device))
         finally:
             source.scaling = saved
-        memo.update({key: fitted[job] for key, job in jobs.items()})
-    return [{b: memo[keys[i][b]] for b in names} for i in range(len(requests))]
+        dims = source.dims()
+        for key, job in jobs.items():
+            memo.put(key, fitted[job], dims[job[0]])
+            found[key] = fitted[job]
+    return [{b: found[keys[i][b]] for b in names} for i in range(len(requests))]
+
+
+def head_memo(params: FitParams, cache_dir: Path) -> HeadMemo:
+    """Where a fit keeps its cross-fitted heads: beside the features (``fit.head_store``)."""
+    return HeadMemo(Path(cache_dir) / FOLDER if params.head_store else None)
 
 
 def fit_split(task: Task, targets: Targets, source: FeatureSource, rows: dict[str, np.ndarray],
               subjects: np.ndarray, params: FitParams, seed: int, baselines: bool,
-              memo: dict | None = None) -> SplitFit:
+              memo: HeadMemo | None = None) -> SplitFit:
     """Cross-fit every expert on ``rows['train']``, fit the gate on their out-of-fold
     outputs and, with ``baselines``, every other combiner; outputs on val and test.
 
@@ -229,7 +254,8 @@ def fit_split(task: Task, targets: Targets, source: FeatureSource, rows: dict[st
     dims = {b: source.dims()[b] for b in names}
     d_out = 1 if task.kind == "regression" else len(targets.classes)
     device = resolve_device(params.device)
-    fits = _heads(task, targets, source, [(seed, rows)], subjects, d_out, params, memo)[0]
+    fits = _heads(task, targets, source, [(seed, rows)], subjects, d_out, params,
+                  memo if memo is not None else HeadMemo())[0]
     stacked = np.stack([fits[b].outputs for b in names], axis=1)  # (N, E, k)
     raw = {b: {s: stacked[rows[s], i] for s in ("val", "test")} for i, b in enumerate(names)}
     probes = {}
@@ -334,7 +360,7 @@ def _trivial(task: Task, targets: Targets, rows: dict[str, np.ndarray]) -> _Meth
 
 # Fit settings that cannot change a result: where outputs go, and where it runs (a GPU
 # gives the CPU's result within float tolerance; streaming gives the in-memory batches).
-NEUTRAL_SETTINGS = ("metrics", "models", "predictions", "device", "max_memory_gb")
+NEUTRAL_SETTINGS = ("metrics", "models", "predictions", "device", "max_memory_gb", "head_store")
 
 
 def fit_settings(params: FitParams) -> dict:
@@ -390,10 +416,11 @@ def _pooled(task: Task, methods: list[_Method], position: np.ndarray) -> _Pooled
 
 
 def fit_task(task_name: str, params: FitParams, cohort_path: Path, cache_dir: Path,
-             seeds: int | None = None, baselines: bool = True, memo: dict | None = None
+             seeds: int | None = None, baselines: bool = True, memo: HeadMemo | None = None
              ) -> FitResult:
     """Fit and evaluate one task (the ensemble, and with ``baselines`` every baseline);
-    the caller writes the result. ``memo``: see ``fit_split``."""
+    the caller writes the result. ``memo``: see ``fit_split``; by default the heads stored
+    under ``cache_dir`` (``fit.head_store``)."""
     task = TASKS[task_name]
     cohort = pd.read_parquet(cohort_path)
     split = cohort["split"].to_numpy()
@@ -417,7 +444,7 @@ def fit_task(task_name: str, params: FitParams, cohort_path: Path, cache_dir: Pa
                            params.max_memory_gb, params.inputs, params.gate_inputs)
     seeds_list = list(range(params.seeds if seeds is None else seeds))
     evaluated = fixed["test"] if mode == "split" else labelled
-    memo = {} if memo is None else memo
+    memo = head_memo(params, cache_dir) if memo is None else memo
     folds = {seed: [fixed] if mode == "split" else cv_rows(labelled, subjects, params.cv_folds,
                                                           seed)
              for seed in seeds_list}
