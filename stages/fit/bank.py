@@ -178,7 +178,7 @@ class HeadBank(_Stacked):
                 down = down + torch.einsum("bd,mdk->mbk", keep - 1, shift[..., None] * a)
         else:
             down = self._project(x, a, members)
-        return base + self.scale * torch.bmm(down, lora_b)
+        return torch.baddbmm(base, down, lora_b, alpha=self.scale)  # one pass over (M', B, h)
 
     def forward(self, x: torch.Tensor, members: torch.Tensor | None = None,
                 rows: torch.Tensor | None = None) -> torch.Tensor:
@@ -191,9 +191,9 @@ class HeadBank(_Stacked):
                     else self.first[members[:, None], rows[None, :]])
         else:
             base = self._project(x, w["w1"], members) + w["b1"][:, None]
-        hidden = torch.relu(self._adapted(x, base, w, 1, members))
+        hidden = torch.relu_(self._adapted(x, base, w, 1, members))
         base = torch.baddbmm(w["b2"][:, None], hidden, w["w2"])
-        hidden = torch.relu(self._adapted(hidden, base, w, 2, members))
+        hidden = torch.relu_(self._adapted(hidden, base, w, 2, members))
         out = torch.baddbmm(w["b3"][:, None], hidden, w["w3"])
         if self.config.skip:
             out = out + self._project(x, w["ws"], members) + w["bs"][:, None]
