@@ -330,7 +330,8 @@ class BatchedAdamW:
 
     def step(self, active: torch.Tensor) -> None:
         """Update the active members' rows only: a bank of hundreds of heads (the folds of
-        cross-validation) where a few still train pays for those few."""
+        cross-validation) where a few still train pays for those few. A bank whose members
+        all step is updated in place, without gathering its rows and writing them back."""
         self.steps += active.to(self.steps.dtype)
         t = self.steps.clamp_min(1)
         step_size = self.lr / (1 - self.beta1 ** t)
@@ -339,19 +340,25 @@ class BatchedAdamW:
         with torch.no_grad():
             for (p, span), m, v in zip(self.params, self.m, self.v, strict=True):
                 rows = on[(on >= span.start) & (on < span.stop)]
-                if p.grad is None or not len(rows):
-                    p.grad = None
-                    continue
-                local = rows - span.start
-                g, m_on, v_on, p_on = p.grad[local], m[local], v[local], p[local]
-                size = _per_member(step_size[rows], p).to(p.dtype)
-                correction = _per_member(correction2[rows], p).to(p.dtype)
-                m_on = m_on + (1 - self.beta1) * (g - m_on)
-                v_on = v_on * self.beta2 + (1 - self.beta2) * g * g
-                denom = v_on.sqrt() / correction + self.eps
-                m[local], v[local] = m_on, v_on
-                p[local] = p_on * (1 - self.lr * self.weight_decay) - size * m_on / denom
+                if p.grad is not None and len(rows) == span.stop - span.start:
+                    self._update(p, p.grad, m, v, step_size[span], correction2[span])
+                elif p.grad is not None and len(rows):
+                    local = rows - span.start
+                    p_on, m_on, v_on = p[local], m[local], v[local]
+                    self._update(p_on, p.grad[local], m_on, v_on, step_size[rows],
+                                 correction2[rows])
+                    p[local], m[local], v[local] = p_on, m_on, v_on
                 p.grad = None
+
+    def _update(self, p: torch.Tensor, g: torch.Tensor, m: torch.Tensor, v: torch.Tensor,
+                step_size: torch.Tensor, correction2: torch.Tensor) -> None:
+        """AdamW on (members, ...) tensors, in place."""
+        size = _per_member(step_size, p).to(p.dtype)
+        correction = _per_member(correction2, p).to(p.dtype)
+        m.lerp_(g, 1 - self.beta1)
+        v.mul_(self.beta2).addcmul_(g, g, value=1 - self.beta2)
+        denom = v.sqrt().div_(correction).add_(self.eps)
+        p.mul_(1 - self.lr * self.weight_decay).sub_(size * m / denom)
 
 
 @dataclass
