@@ -352,11 +352,12 @@ class BatchedAdamW:
 
     def _update(self, p: torch.Tensor, g: torch.Tensor, m: torch.Tensor, v: torch.Tensor,
                 step_size: torch.Tensor, correction2: torch.Tensor) -> None:
-        """AdamW on (members, ...) tensors, in place."""
+        """AdamW on (members, ...) tensors, in place, rounding as ``step`` always did (a
+        fused lerp or addcmul rounds otherwise, and training amplifies it)."""
         size = _per_member(step_size, p).to(p.dtype)
         correction = _per_member(correction2, p).to(p.dtype)
-        m.lerp_(g, 1 - self.beta1)
-        v.mul_(self.beta2).addcmul_(g, g, value=1 - self.beta2)
+        m.add_((g - m).mul_(1 - self.beta1))
+        v.mul_(self.beta2).add_((1 - self.beta2) * g * g)
         denom = v.sqrt().div_(correction).add_(self.eps)
         p.mul_(1 - self.lr * self.weight_decay).sub_(size * m / denom)
 
