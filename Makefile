@@ -31,7 +31,7 @@ bench: setup
 	PATH="$(BIN):$$PATH" $(BIN)/python benchmarks/prepare_throughput.py
 	PATH="$(BIN):$$PATH" $(BIN)/python benchmarks/extract_throughput.py
 	PATH="$(BIN):$$PATH" $(BIN)/python benchmarks/fit_throughput.py
-	PATH="$(BIN):$$PATH" $(BIN)/python benchmarks/fit_phases.py --extract
+	PATH="$(BIN):$$PATH" $(BIN)/python benchmarks/fit_phases.py --all --extract
 	PATH="$(BIN):$$PATH" $(BIN)/python benchmarks/fit_scale.py --rows 200000
 	PATH="$(BIN):$$PATH" $(BIN)/python benchmarks/rr_accuracy.py
 	PATH="$(BIN):$$PATH" $(BIN)/python benchmarks/synthetic_calibration.py
@@ -41,5 +41,5 @@ lint: setup
 	$(BIN)/ruff check .
 
 clean:
-	rm -rf $(VENV) data/raw data/prepared cache/*.zarr cache/.*.partial cache/weights \
+	rm -rf $(VENV) data/raw data/prepared cache/*.zarr cache/.*.partial cache/weights cache/heads \
 		metrics models predictions reports
