@@ -278,18 +278,10 @@ def test_an_unchanged_variant_reuses_the_fit_stage_metrics(fake, tmp_path):
 
 
 def test_variants_cross_fit_shared_heads_once(fake, monkeypatch):
-    import stages.fit.run as run
     from stages.fit.compare import compare_variants
 
     root, _ = fake
-    calls = []
-    real = run.cross_fit
-
-    def counting(jobs, *args, **kwargs):  # jobs: (expert, seed, split)
-        calls.extend(name for name, _, _ in jobs)
-        return real(jobs, *args, **kwargs)
-
-    monkeypatch.setattr(run, "cross_fit", counting)
+    calls = _count_heads(monkeypatch)
     params = _params(seeds=1)
     result = compare_variants(params, {"both": {}, "strong_only": {"backbones": ["strong"]},
                                        "plain_gate": {"gate_hidden": 8}},
