@@ -21,7 +21,6 @@ paired difference to the ensemble.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -159,9 +158,9 @@ def _weight_generator(inputs: Callable, reads: list[str], d_in: int, stacked: np
 
 
 def _rows_digest(rows: dict[str, np.ndarray]) -> str:
-    """One split's train, val and test rows, as a key."""
-    return hashlib.sha1(b"".join(np.ascontiguousarray(rows[s]).tobytes()
-                                 for s in ("train", "val", "test"))).hexdigest()
+    """One split's train, val and test rows, as a key (each array's shape with its rows, so
+    moving a row from one set to the next is another key)."""
+    return array_digest(*(rows[s] for s in ("train", "val", "test")))
 
 
 def _head_key(task: Task, targets: str, fingerprint: dict, name: str, seed: int,
