@@ -243,6 +243,54 @@ def test_one_multitask_model_trains_with_partly_missing_labels(fake, tmp_path):
     assert "fit-ensemble --task rr" in compared["tasks"]["rr"]["single_task_note"]
 
 
+@pytest.mark.parametrize("evaluation", ["split", "cv"])
+def test_a_multitask_fit_of_one_task_is_that_tasks_fit(fake, tmp_path, evaluation):
+    """With one task the multi-task heads are the task's own heads, and the rest of the fit
+    (cross-fitting, combiner choice, evaluation) is the single-task fit's."""
+    from stages.fit.multitask import fit_multitask
+
+    root, _ = fake
+    cohort = root / "cohort.parquet"
+    if evaluation == "cv":  # no fixed split: its saved model's heads would share the pass
+        table = pq.read_table(cohort)
+        table = table.set_column(table.schema.get_field_index("split"), "split",
+                                 pa.array(["train"] * table.num_rows))
+        cohort = tmp_path / "cohort.parquet"
+        pq.write_table(table, cohort)
+    params = _params(seeds=1, evaluation=evaluation, cv_folds=3)
+    joint = fit_multitask(params, cohort, root / "cache", ["rr"])
+    single = fit_task("rr", params, cohort, root / "cache", baselines=False)
+    assert joint["evaluation"] == single.metrics["evaluation"]["mode"] == evaluation
+    assert joint["tasks"]["rr"]["n_test"] == single.metrics["evaluation"]["n_evaluated"]
+    ours, theirs = joint["tasks"]["rr"]["multitask"]["mae"], \
+        single.metrics["methods"]["ensemble"]["mae"]
+    assert ours["mean"] == pytest.approx(theirs["mean"], rel=1e-5)
+    assert ours["ci"] == pytest.approx(theirs["ci"], rel=1e-5)
+
+
+def test_a_joint_head_learns_nothing_from_rows_unlabelled_for_a_task():
+    from stages.fit.train import JointObjective, Objective, TaskColumns, heads_criterion
+
+    rng = np.random.default_rng(0)
+    labelled = rng.random(40) < 0.5
+    out = torch.randn(2, 40, 4)
+    members, chunk = torch.arange(2), np.arange(40)
+
+    def loss(values: np.ndarray, classes: np.ndarray) -> torch.Tensor:
+        joint = JointObjective([
+            TaskColumns("rr", slice(0, 1), Objective(values, False, "l1"), labelled),
+            TaskColumns("ad", slice(1, 4), Objective(classes, True), labelled)])
+        criterion = heads_criterion([joint], np.zeros(0, dtype=np.int64), torch.device("cpu"))
+        mask = torch.ones(2, 40, dtype=torch.bool)
+        return criterion.mean(criterion.sums(out, chunk, mask, members))
+
+    values, classes = rng.normal(size=40).astype(np.float32), rng.integers(0, 3, 40)
+    other_values = np.where(labelled, values, 99.0).astype(np.float32)
+    other_classes = np.where(labelled, classes, (classes + 1) % 3)
+    assert torch.equal(loss(values, classes), loss(other_values, other_classes))
+    assert not torch.equal(loss(values, classes), loss(values[::-1].copy(), classes))
+
+
 def test_variants_fit_only_the_ensemble_and_reproduce_the_fit_stage(fake):
     from stages.fit.compare import compare_variants
 

@@ -199,11 +199,13 @@ class HeadBank(_Stacked):
             out = out + self._project(x, w["ws"], members) + w["bs"][:, None]
         return out
 
-    def set_skip(self, member: int, coef: np.ndarray, intercept: float) -> None:
-        """Start member ``member``'s linear path at a fitted linear map (regression)."""
+    def set_skip(self, member: int, coef: np.ndarray, intercept: float, column: int = 0
+                 ) -> None:
+        """Start output ``column`` of member ``member``'s linear path at a fitted linear map
+        (a regression output)."""
         with torch.no_grad():
-            self.weight("ws")[member, :, 0] = torch.as_tensor(coef, dtype=self.flat.dtype)
-            self.weight("bs")[member, 0] = float(intercept)
+            self.weight("ws")[member, :, column] = torch.as_tensor(coef, dtype=self.flat.dtype)
+            self.weight("bs")[member, column] = float(intercept)
 
     def export(self, member: int) -> Head:
         """Member ``member`` as the deployed ``Head`` (peft LoRA), weight for weight."""

@@ -22,7 +22,7 @@ from stages.fit.combine import Linear
 from stages.fit.features import FeatureSource
 from stages.fit.model import ModelConfig
 from stages.fit.probes import robust_linear
-from stages.fit.train import Objective, heads_criterion
+from stages.fit.train import JointObjective, Objective, activate, heads_criterion, linear_targets
 
 
 def group_folds(groups: np.ndarray, k: int, seed: int) -> np.ndarray:
@@ -57,7 +57,7 @@ class Split:
     predicted), the objective they fit there, and the feature scaling of its training rows."""
 
     rows: dict[str, np.ndarray]
-    objective: Objective
+    objective: Objective | JointObjective
     scaling: dict[str, tuple[np.ndarray, np.ndarray]]
 
 
@@ -103,19 +103,21 @@ def cross_fit(jobs: list[Job], splits: list[Split], source: FeatureSource,
             banks.banks[b].set_input_scaling(np.stack([a for a, _ in affine[b]]),
                                              np.stack([c for _, c in affine[b]]))
     objectives = [split.objective for split in splits]
-    if config.skip and not objectives[0].classification and source.in_memory:
-        starts = {}  # (expert, split, rows) -> its linear map: a refit's rows recur
+    if config.skip and source.in_memory:
+        starts = {}  # (expert, split, output, rows) -> its linear map: a refit's rows recur
         at_member = 0
         for job in order:
             name, _, index = job
             a, c = affine[name][at_member - banks.offsets()[name]]
-            for m, (rows_m, _) in enumerate(members[job]):
-                key = (name, index, rows_m.tobytes())
-                if key not in starts:
-                    x = source.take(rows_m, [name])[name] * a + c
-                    starts[key] = robust_linear(x, objectives[index].y[rows_m],
-                                                subjects[rows_m])
-                banks.banks[name].set_skip(at_member + m - banks.offsets()[name], *starts[key])
+            for column, y, labelled in linear_targets(objectives[index]):
+                for m, (rows_m, _) in enumerate(members[job]):
+                    rows_m = rows_m if labelled is None else rows_m[labelled[rows_m]]
+                    key = (name, index, column, rows_m.tobytes())
+                    if key not in starts:
+                        x = source.take(rows_m, [name])[name] * a + c
+                        starts[key] = robust_linear(x, y[rows_m], subjects[rows_m])
+                    banks.banks[name].set_skip(at_member + m - banks.offsets()[name],
+                                               *starts[key], column=column)
             at_member += len(members[job])
     banks.to(device)
     reader = Reader(source, names, device)
@@ -127,9 +129,7 @@ def cross_fit(jobs: list[Job], splits: list[Split], source: FeatureSource,
                 weight_decay=params.weight_decay, batch_size=params.batch_size,
                 max_epochs=params.max_epochs, patience=params.patience, seed=seed)
     every = np.unique(np.concatenate([r for split in splits for r in split.rows.values()]))
-    out = predict_banks(banks, reader, every, params.batch_size)
-    if objectives[0].classification:
-        out = out.softmax(dim=-1)
+    out = activate(objectives[0], predict_banks(banks, reader, every, params.batch_size))
     out = out.float().cpu().numpy()
     banks.cpu()
     result, start = {}, 0

@@ -67,6 +67,7 @@ class Head(nn.Module):
                 modules_to_save=[OUTPUT_LAYER]))
         self.mlp = mlp
         self.skip = nn.Linear(d_in, d_out) if config.skip else None
+        self.d_in, self.d_out, self.config = d_in, d_out, config
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.mlp(x)
@@ -75,6 +76,17 @@ class Head(nn.Module):
 
 def make_head(d_in: int, d_out: int, config: ModelConfig) -> Head:
     return Head(d_in, d_out, config)
+
+
+def head_columns(head: Head, columns: slice) -> Head:
+    """The head answering only outputs ``columns`` (one task's of a multi-task head): the
+    same trunk, its output layer and linear path cut to those rows."""
+    part = Head(head.d_in, columns.stop - columns.start, head.config)
+    shapes = {name: value.shape for name, value in part.state_dict().items()}
+    state = {name: value if value.shape == shapes[name] else value[columns]
+             for name, value in head.state_dict().items()}
+    part.load_state_dict(state)
+    return part.eval()
 
 
 class Gate(nn.Module):

@@ -1,182 +1,187 @@
-"""One model for all five tasks (ECG-MoE's multi-task fusion), trained from the cache.
+"""One model for all tasks (ECG-MoE's multi-task fusion), fitted from the cache as the
+single-task ensembles are.
 
-Per expert one shared trunk, ``Linear(D,h)-ReLU-Linear(h,h)-ReLU``, adapted as the
-single-task heads are (LoRA on both layers, or fully); per task and expert an output layer
-(trained fully) and per task a gate. Each task's loss counts only the ECGs labelled for
-it, so partly labelled cohorts train one model; the objective is the mean of the tasks'
-losses (each on standardised targets or class probabilities, plus the per-expert term as
-in single-task training). Early stopping watches the summed validation losses.
+Per expert one head whose trunk (``Linear(D,h)-ReLU-Linear(h,h)-ReLU``, LoRA-adapted like
+the single-task heads) every task shares, with an output layer and linear path per task:
+trained on every row labelled for any task, each task's loss counting only its own labelled
+rows (``stages.fit.train.JointObjective``), so a partly labelled cohort trains one model.
+These heads are cross-fitted in one batched pass like the single-task heads (out-of-fold
+outputs on the training rows, then refitted; kept in the head store), and each task then
+gets from its columns what a single-task fit gets from its own heads
+(``stages.fit.run.fit_split``): its combiner chosen by cross-validated loss (the gate,
+stacking, one expert, ...), evaluated on the fixed test split or, on cohorts of at most
+``cv_max_ecgs`` ECGs labelled for any task, by subject-grouped cross-validation. Rows and
+folds are those of the ECGs labelled for any task, shared by every task, so one task's
+test rows are never another's training rows.
+
+Before (2026-11-30 to 12-07) the heads and the gates were trained jointly on the same rows,
+without cross-fitting or a combiner choice: on the demo its RR error was twice the
+single-task ensemble's, since a gate fitted on the rows its heads memorised trusts them.
 """
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
-import torch
-from peft import LoraConfig, get_peft_model
-from torch import nn
 
 from pipeline.params import TASKS as TASK_IDS
 from pipeline.params import FitParams
-from stages.fit.features import GATE, FeatureSource, load_features
-from stages.fit.model import HIDDEN_LAYERS, Gate, ModelConfig
-from stages.fit.run import _aggregate, _Method, _model_config, _objective, cohort_digest
-from stages.fit.tasks import TASKS, Targets, encode
-from stages.fit.train import BestState, Objective
+from stages.fit.crossfit import ExpertFit
+from stages.fit.features import load_features
+from stages.fit.head_store import HeadMemo
+from stages.fit.model import head_columns
+from stages.fit.run import (
+    ENSEMBLE,
+    _aggregate,
+    _d_out,
+    _intervals,
+    _objective,
+    _pool,
+    _trivial,
+    cohort_digest,
+    cv_rows,
+    evaluation_mode,
+    fit_split,
+    head_memo,
+    heads,
+    labels_digest,
+)
+from stages.fit.tasks import TASKS, Targets, encode, score
+from stages.fit.train import JointObjective, TaskColumns
+
+Rows = dict[str, np.ndarray]
 
 
-def make_trunk(d_in: int, config: ModelConfig) -> nn.Module:
-    trunk = nn.Sequential(nn.Linear(d_in, config.hidden), nn.ReLU(),
-                          nn.Linear(config.hidden, config.hidden), nn.ReLU())
-    if config.adapter == "full":
-        return trunk
-    return get_peft_model(trunk, LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha,
-                                            lora_dropout=config.lora_dropout,
-                                            target_modules=HIDDEN_LAYERS))
+def _columns(targets: dict[str, Targets]) -> dict[str, slice]:
+    """Each task's output columns in the multi-task heads, in task order."""
+    out, start = {}, 0
+    for name, encoded in targets.items():
+        width = _d_out(TASKS[name], encoded)
+        out[name], start = slice(start, start + width), start + width
+    return out
 
 
-class MultiTaskEnsemble(nn.Module):
-    def __init__(self, dims: dict[str, int], gate_dim: int, outputs: dict[str, int],
-                 classification: dict[str, bool], config: ModelConfig):
-        super().__init__()
-        self.experts, self.tasks = list(dims), list(outputs)
-        self.classification = classification
-        self.trunks = nn.ModuleDict({b: make_trunk(d, config) for b, d in dims.items()})
-        self.outs = nn.ModuleDict({f"{b}__{t}": nn.Linear(config.hidden, n)
-                                   for b in dims for t, n in outputs.items()})
-        self.gates = nn.ModuleDict({t: Gate(gate_dim, len(dims), n, config)
-                                    for t, n in outputs.items()})
-
-    def forward(self, features: dict[str, torch.Tensor], gate_input: torch.Tensor
-                ) -> dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-        hidden = {b: self.trunks[b](features[b]) for b in self.experts}
-        result = {}
-        for t in self.tasks:
-            outputs = torch.stack([self.outs[f"{b}__{t}"](hidden[b]) for b in self.experts], 1)
-            if self.classification[t]:
-                outputs = outputs.softmax(dim=-1)
-            weights = self.gates[t](gate_input)
-            mixture = (weights * outputs).sum(dim=1)
-            if self.classification[t] and weights.shape[-1] > 1:
-                mixture = mixture / mixture.sum(dim=-1, keepdim=True)
-            result[t] = (mixture, outputs, weights)
-        return result
+def _joint_objective(targets: dict[str, Targets], columns: dict[str, slice], train: np.ndarray,
+                     params: FitParams) -> JointObjective:
+    """Every task's objective on its labelled rows among ``train``; unlabelled rows get a
+    placeholder target (class 0, or 0) that their mask keeps out of the loss."""
+    parts = []
+    for name, encoded in targets.items():
+        filled = Targets(np.where(encoded.labelled, encoded.y, 0).astype(encoded.y.dtype),
+                         encoded.labelled, encoded.classes)
+        objective = _objective(TASKS[name], filled, train[encoded.labelled[train]], params)[0]
+        parts.append(TaskColumns(name, columns[name], objective, encoded.labelled))
+    return JointObjective(parts)
 
 
-def _loss(model, data, chunk, objectives, targets) -> torch.Tensor:
-    out = model({b: torch.from_numpy(data[b]) for b in model.experts},
-                torch.from_numpy(data[GATE]))
-    losses = []
-    for t, (mixture, outputs, _) in out.items():
-        mask = torch.from_numpy(targets[t].labelled[chunk])
-        if mask.any():
-            y = torch.from_numpy(objectives[t].y[chunk])[mask]
-            losses.append(objectives[t].total(mixture[mask], outputs[mask], y))
-    return torch.stack(losses).mean() if losses else torch.zeros((), requires_grad=True)
+def _task_part(fit: ExpertFit, columns: slice) -> ExpertFit:
+    return ExpertFit(fit.outputs[:, columns], head_columns(fit.head, columns))
 
 
-def _train(model, source: FeatureSource, objectives, targets, rows, params: FitParams,
-           seed: int) -> None:
-    optimiser = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad],
-                                  lr=params.lr, weight_decay=params.weight_decay)
-    rng = np.random.default_rng(seed)
-    keeper = BestState(model, params.patience)
-    for _ in range(params.max_epochs):
-        model.train()
-        for chunk, data in source.batches(rows["train"], params.batch_size, rng):
-            loss = _loss(model, data, chunk, objectives, targets)
-            optimiser.zero_grad()
-            loss.backward()
-            optimiser.step()
-        model.eval()
-        with torch.no_grad():
-            parts = [float(_loss(model, data, chunk, objectives, targets)) * len(chunk)
-                     for chunk, data in source.batches(rows["val"], params.batch_size, None)]
-        if keeper.stop(model, sum(parts) / max(len(rows["val"]), 1)):
-            break
-    keeper.restore(model)
+def _skip_reason(name: str, encoded: Targets, rows: list[Rows], subjects: np.ndarray,
+                 mode: str, folds: int) -> str | None:
+    if mode == "cv" and len(np.unique(subjects[encoded.labelled])) < max(folds, 2):
+        return f"too few labelled subjects for {folds}-fold cross-validation"
+    for r in rows:
+        empty = [s for s, part in r.items() if not encoded.labelled[part].any()]
+        if empty:
+            return f"no {name} labels in the {', '.join(empty)} rows of a fold or split"
+    return None
 
 
-def _predict(model, source: FeatureSource, rows: np.ndarray, batch_size: int
-             ) -> dict[str, np.ndarray]:
-    order = np.sort(rows)
-    parts: dict[str, list[np.ndarray]] = {t: [] for t in model.tasks}
-    with torch.no_grad():
-        for _, data in source.batches(order, batch_size, None):
-            out = model({b: torch.from_numpy(data[b]) for b in model.experts},
-                        torch.from_numpy(data[GATE]))
-            for t, (mixture, _, _) in out.items():
-                parts[t].append(mixture.numpy())
-    position = np.searchsorted(order, rows)
-    return {t: np.concatenate(v)[position] for t, v in parts.items()}
+def fit_multitask(params: FitParams, cohort_path: Path, cache_dir: Path,
+                  tasks: list[str] | None = None, seeds: int | None = None,
+                  memo: HeadMemo | None = None) -> dict:
+    """Fit one multi-task model for ``tasks`` (default all five) and evaluate each task;
+    returns metrics per task (the ensemble's under ``multitask``, every method's under
+    ``methods``). ``memo``: where cross-fitted heads are kept (default the head store)."""
+    cohort = pd.read_parquet(cohort_path)
+    split = cohort["split"].to_numpy()
+    subjects = cohort["subject_id"].astype(str).to_numpy()
+    names = list(tasks or TASK_IDS)
+    any_label = np.any([cohort[t].notna().to_numpy() for t in names], axis=0)
+    mode = evaluation_mode(params, int(any_label.sum()))
+    fitted_on = split == "train" if mode == "split" else any_label  # classes come from here
+    targets = {t: encode(TASKS[t], cohort[t], fitted_on) for t in names}
+    seeds_list = list(range(params.seeds if seeds is None else seeds))
+    labelled = np.flatnonzero(any_label)
+    fixed = {s: np.flatnonzero((split == s) & any_label) for s in ("train", "val", "test")}
+    folds = {seed: [fixed] if mode == "split" else cv_rows(labelled, subjects, params.cv_folds,
+                                                          seed)
+             for seed in seeds_list}
+    every_rows = [r for seed in seeds_list for r in folds[seed]]
+    skipped = {t: reason for t in names if (reason := _skip_reason(
+        t, targets[t], every_rows, subjects, mode, params.cv_folds))}
+    targets = {t: encoded for t, encoded in targets.items() if t not in skipped}
+    if not targets:
+        raise ValueError(f"no task can be fitted on {cohort_path}: "
+                         + "; ".join(f"{t}: {r}" for t, r in skipped.items()))
+    source = load_features(cache_dir, params.backbones, cohort_digest(cohort_path), len(cohort),
+                           params.max_memory_gb, params.inputs, params.gate_inputs)
+    columns = _columns(targets)
+    requests = [(seed, rows) for seed in seeds_list for rows in folds[seed]]
+    fitted = heads("+".join(targets), "+".join(labels_digest(t) for t in targets.values()),
+                   lambda train: _joint_objective(targets, columns, train, params), source,
+                   requests, subjects, columns[list(targets)[-1]].stop, params,
+                   head_memo(params, cache_dir) if memo is None else memo)
+    result: dict = {"seeds": seeds_list, "backbones": list(params.backbones),
+                    "gate_inputs": list(params.gate_inputs), "evaluation": mode,
+                    "tasks": {}, "skipped": skipped}
+    for name, encoded in targets.items():
+        result["tasks"][name] = _evaluate(name, encoded, columns[name], source, folds, requests,
+                                          fitted, subjects, params)
+    return result
 
 
-def compare_with_single_task(result: dict, metrics_dir) -> dict:
+def _evaluate(name: str, encoded: Targets, columns: slice, source, folds: dict[int, list[Rows]],
+              requests: list[tuple[int, Rows]], fitted: list[dict[str, ExpertFit]],
+              subjects: np.ndarray, params: FitParams) -> dict:
+    """One task's ensemble from its columns of the multi-task heads, as ``fit_task``
+    evaluates a single-task fit (without baselines)."""
+    task = TASKS[name]
+    at = 0
+    per_seed, choices = [], []
+    evaluated = np.sort(np.concatenate([r["test"] for r in folds[requests[0][0]]]))
+    evaluated = evaluated[encoded.labelled[evaluated]]
+    for seed, rows_list in folds.items():
+        fits, trivial = [], []
+        for rows in rows_list:
+            own = {s: r[encoded.labelled[r]] for s, r in rows.items()}
+            experts = {b: _task_part(f, columns) for b, f in fitted[at].items()}
+            at += 1
+            fits.append(fit_split(task, encoded, source, own, subjects, params, seed, False,
+                                  fits=experts, scaled_on=rows["train"]))
+            trivial.append(_trivial(task, encoded, own))
+        per_seed.append(_pool(task, fits, trivial, evaluated))
+        choices.extend(fit.combiner["name"] for fit in fits)
+    y = encoded.y[evaluated]
+    methods = {m: _aggregate([score(task, y, p[m].decision, p[m].score) for p in per_seed])
+               for m in per_seed[0]}
+    for m, extra in _intervals(task, y, per_seed, subjects[evaluated], params).items():
+        methods[m][task.metric] = {**methods[m][task.metric], "ci": extra["ci"]}
+    return {"metric": task.metric, "n_test": len(evaluated),
+            "multitask": methods[ENSEMBLE], "methods": methods,
+            "combiner": {c: choices.count(c) for c in dict.fromkeys(choices)}}
+
+
+def compare_with_single_task(result: dict, metrics_dir: Path) -> dict:
     """Add each task's single-task ensemble from ``metrics/<task>.json`` when it was fitted
-    with the same experts, gate inputs and seeds (else say why it is not comparable)."""
-    import json
-    from pathlib import Path
-
+    with the same experts, gate inputs, seeds and evaluation (else say why it is not
+    comparable)."""
     for task, entry in result["tasks"].items():
         path = Path(metrics_dir) / f"{task}.json"
         single = json.loads(path.read_text()) if path.exists() else {}
         same = (all(single.get(k) == result[k] for k in ("backbones", "seeds", "gate_inputs"))
-                and single.get("evaluation", {}).get("mode") == "split")
+                and single.get("evaluation", {}).get("mode") == result["evaluation"])
         if single.get("methods") and same:
             entry["single_task"] = single["methods"]["ensemble"]
         else:
             entry["single_task"] = None
-            entry["single_task_note"] = (f"{path} missing, cross-validated, or fitted with "
-                                         "other experts, gate inputs or seeds; run "
+            entry["single_task_note"] = (f"{path} missing, or fitted with other experts, "
+                                         "gate inputs, seeds or evaluation; run "
                                          f"`pipeline fit-ensemble --task {task}` with the "
-                                         "same settings and fit.evaluation: split")
+                                         "same settings")
     return result
-
-
-def fit_multitask(params: FitParams, cohort_path, cache_dir, tasks: list[str] | None = None,
-                  seeds: int | None = None) -> dict:
-    """Train one model for ``tasks`` (default all five); returns metrics per task."""
-    cohort = pd.read_parquet(cohort_path)
-    split = cohort["split"].to_numpy()
-    train = split == "train"
-    targets: dict[str, Targets] = {}
-    for t in tasks or list(TASK_IDS):
-        encoded = encode(TASKS[t], cohort[t], train)
-        if (encoded.labelled & train).any() and (encoded.labelled & (split == "test")).any():
-            targets[t] = encoded
-    if not targets:
-        raise ValueError(f"no task has labels in both train and test of {cohort_path}")
-    any_label = np.any([tg.labelled for tg in targets.values()], axis=0)
-    rows = {s: np.flatnonzero((split == s) & any_label) for s in ("train", "val", "test")}
-    source = load_features(cache_dir, params.backbones, cohort_digest(cohort_path), len(cohort),
-                           params.max_memory_gb, params.inputs, params.gate_inputs)
-    source.fit_scaling(rows["train"])
-    objectives: dict[str, Objective] = {}
-    scales: dict[str, dict] = {}
-    for t, tg in targets.items():
-        labelled_train = np.flatnonzero(train & tg.labelled)
-        objectives[t], scales[t] = _objective(TASKS[t], tg, labelled_train, params)
-    dims = {b: d for b, d in source.dims().items() if b != GATE}
-    outputs = {t: 1 if TASKS[t].kind == "regression" else len(tg.classes)
-               for t, tg in targets.items()}
-    kinds = {t: TASKS[t].kind != "regression" for t in targets}
-    per_task: dict[str, list[dict]] = {t: [] for t in targets}
-    seeds_list = list(range(params.seeds if seeds is None else seeds))
-    for seed in seeds_list:
-        torch.manual_seed(seed * 1000 + 999)
-        model = MultiTaskEnsemble(dims, source.dims()[GATE], outputs, kinds,
-                                  _model_config(params))
-        _train(model, source, objectives, targets, rows, params, seed)
-        val = _predict(model, source, rows["val"], params.batch_size)
-        test = _predict(model, source, rows["test"], params.batch_size)
-        for t, tg in targets.items():
-            v_mask, t_mask = tg.labelled[rows["val"]], tg.labelled[rows["test"]]
-            method = _Method(TASKS[t], val[t][v_mask], test[t][t_mask],
-                             tg.y[rows["val"]][v_mask], tg.y[rows["test"]][t_mask], scales[t])
-            per_task[t].append(method.metrics())
-    return {"seeds": seeds_list, "backbones": list(params.backbones),
-            "gate_inputs": list(params.gate_inputs),
-            "tasks": {t: {"metric": TASKS[t].metric,
-                          "n_test": int(tg.labelled[rows["test"]].sum()),
-                          "multitask": _aggregate(per_task[t])}
-                      for t, tg in targets.items()}}

@@ -43,14 +43,20 @@ from stages.fit.combine import (
     fixed_mixture,
     greedy_weights,
 )
-from stages.fit.crossfit import ExpertFit, Split, cross_fit, cross_fit_probe, group_folds
+from stages.fit.crossfit import (
+    ExpertFit,
+    Split,
+    cross_fit,
+    cross_fit_probe,
+    group_folds,
+)
 from stages.fit.features import GATE, FeatureSource, load_features
 from stages.fit.head_store import FOLDER, HeadMemo, array_digest, head_key
 from stages.fit.model import Ensemble, ModelConfig
 from stages.fit.probes import linear_probe
 from stages.fit.select import GATE_NAME, PROBE, Combiners, choose, cross_validated_losses
 from stages.fit.tasks import TASKS, Targets, Task, best_f1_threshold, encode, score
-from stages.fit.train import Objective
+from stages.fit.train import JointObjective, Objective
 
 ENSEMBLE, UNIFORM = "ensemble", "uniform"
 VAL_FRACTION = 0.2  # of a cross-validation fold's training subjects, for early stopping
@@ -163,11 +169,11 @@ def _rows_digest(rows: dict[str, np.ndarray]) -> str:
     return array_digest(*(rows[s] for s in ("train", "val", "test")))
 
 
-def _head_key(task: Task, targets: str, fingerprint: dict, name: str, seed: int,
+def _head_key(task: str, targets: str, fingerprint: dict, name: str, seed: int,
               rows: dict[str, np.ndarray], params: FitParams) -> str:
     """Everything a cross-fitted expert depends on (``stages.fit.head_store``): the same
     key, the same fit."""
-    return head_key(task.name, targets, fingerprint, name, seed, _rows_digest(rows),
+    return head_key(task, targets, fingerprint, name, seed, _rows_digest(rows),
                     params.inputs.get(name, "features"), params.hidden, params.adapter,
                     params.lora_r, params.lora_alpha, params.lora_dropout, params.head_skip,
                     params.loss, params.lr, params.weight_decay, params.batch_size,
@@ -181,15 +187,34 @@ def _head_key(task: Task, targets: str, fingerprint: dict, name: str, seed: int,
 SHUFFLE_SEED = 0
 
 
-def _heads(task: Task, targets: Targets, source: FeatureSource,
-           requests: list[tuple[int, dict[str, np.ndarray]]], subjects: np.ndarray,
-           d_out: int, params: FitParams, memo: HeadMemo) -> list[dict[str, ExpertFit]]:
-    """Every expert's cross-fitted head for each (seed, rows) request: those not in ``memo``
-    trained together in one pass (``cross_fit``; the folds of cross-validation with their
-    own target and feature scaling), then kept in ``memo``."""
+def labels_digest(targets: Targets) -> str:
+    return array_digest(targets.y, targets.labelled, np.array(targets.classes, dtype=str))
+
+
+def _task_heads(task: Task, targets: Targets, source: FeatureSource,
+                requests: list[tuple[int, dict[str, np.ndarray]]], subjects: np.ndarray,
+                params: FitParams, memo: HeadMemo) -> list[dict[str, ExpertFit]]:
+    """``heads`` of one task."""
+    return heads(task.name, labels_digest(targets),
+                 lambda train: _objective(task, targets, train, params)[0], source, requests,
+                 subjects, _d_out(task, targets), params, memo)
+
+
+def _d_out(task: Task, targets: Targets) -> int:
+    return 1 if task.kind == "regression" else len(targets.classes)
+
+
+def heads(task: str, labels: str,
+          objective_of: Callable[[np.ndarray], Objective | JointObjective],
+          source: FeatureSource, requests: list[tuple[int, dict[str, np.ndarray]]],
+          subjects: np.ndarray, d_out: int, params: FitParams, memo: HeadMemo
+          ) -> list[dict[str, ExpertFit]]:
+    """Every expert's cross-fitted head for each (seed, rows) request, fitting
+    ``objective_of(training rows)`` (``labels``: a digest of its targets): those not in
+    ``memo`` trained together in one pass (``cross_fit``; the folds of cross-validation with
+    their own target and feature scaling), then kept in ``memo``."""
     names = list(params.backbones)
     config = _model_config(params)
-    labels = array_digest(targets.y, targets.labelled, np.array(targets.classes, dtype=str))
     keys = [{b: _head_key(task, labels, source.fingerprints.get(b, {}), b, seed * 100 + k,
                           rows, params) for k, b in enumerate(names)}
             for seed, rows in requests]
@@ -214,7 +239,7 @@ def _heads(task: Task, targets: Targets, source: FeatureSource,
             digest = _rows_digest(rows)
             if digest not in by_rows:
                 by_rows[digest] = len(splits)
-                splits.append(Split(rows, _objective(task, targets, rows["train"], params)[0],
+                splits.append(Split(rows, objective_of(rows["train"]),
                                     source.scaling_of(rows["train"])))
             split_at[i] = by_rows[digest]
         jobs = {key: (b, seed, split_at[i]) for key, (b, seed, i) in missing.items()}
@@ -240,28 +265,38 @@ def head_memo(params: FitParams, cache_dir: Path) -> HeadMemo:
 
 def fit_split(task: Task, targets: Targets, source: FeatureSource, rows: dict[str, np.ndarray],
               subjects: np.ndarray, params: FitParams, seed: int, baselines: bool,
-              memo: HeadMemo | None = None) -> SplitFit:
+              memo: HeadMemo | None = None, fits: dict[str, ExpertFit] | None = None,
+              scaled_on: np.ndarray | None = None) -> SplitFit:
     """Cross-fit every expert on ``rows['train']``, fit the gate on their out-of-fold
     outputs and, with ``baselines``, every other combiner; outputs on val and test.
 
     ``memo`` keeps cross-fitted experts across calls (``pipeline compare``: variants that
-    differ only in their gate or expert list share the same heads, fitted once)."""
-    source.fit_scaling(rows["train"])
+    differ only in their gate or expert list share the same heads, fitted once). ``fits``:
+    cross-fitted experts given instead (a multi-task head's columns of this task), whose
+    features were scaled on ``scaled_on`` (default ``rows['train']``)."""
+    source.fit_scaling(rows["train"] if scaled_on is None else scaled_on)
     objective, scale = _objective(task, targets, rows["train"], params)
     config = _model_config(params)
     names = list(params.backbones)
     dims = {b: source.dims()[b] for b in names}
-    d_out = 1 if task.kind == "regression" else len(targets.classes)
+    d_out = _d_out(task, targets)
     device = resolve_device(params.device)
-    fits = _heads(task, targets, source, [(seed, rows)], subjects, d_out, params,
-                  memo if memo is not None else HeadMemo())[0]
+    memo = memo if memo is not None else HeadMemo()
+    if fits is None:
+        fits = _task_heads(task, targets, source, [(seed, rows)], subjects, params, memo)[0]
     stacked = np.stack([fits[b].outputs for b in names], axis=1)  # (N, E, k)
     raw = {b: {s: stacked[rows[s], i] for s in ("val", "test")} for i, b in enumerate(names)}
     probes = {}
     if source.in_memory and len(names) > 1 and params.combiner == "select":
-        probes = {b: cross_fit_probe(b, source, objective, rows, subjects, d_out,
-                                     task.balance_classes, params.oof_folds, seed * 100 + k)
-                  for k, b in enumerate(names)}
+        scaling = source.scaling
+        if scaled_on is not None:  # a probe scales its features on its own training rows
+            source.fit_scaling(rows["train"])
+        try:
+            probes = {b: cross_fit_probe(b, source, objective, rows, subjects, d_out,
+                                         task.balance_classes, params.oof_folds,
+                                         seed * 100 + k) for k, b in enumerate(names)}
+        finally:
+            source.scaling = scaling
     learners = Combiners(stacked, names, objective, source, rows["val"], config,
                          _gate_settings(params), seed * 100 + 50, params.batch_size,
                          task.balance_classes, probes, device).learners
@@ -450,8 +485,8 @@ def fit_task(task_name: str, params: FitParams, cohort_path: Path, cache_dir: Pa
     requests = [(seed, rows) for seed in seeds_list for rows in folds[seed]]
     if not empty and mode == "cv":  # the saved model's, fitted on the fixed split
         requests += [(seed, fixed) for seed in seeds_list]
-    _heads(task, targets, source, requests, subjects,  # every head of the fit, in one pass
-           1 if task.kind == "regression" else len(targets.classes), params, memo)
+    _task_heads(task, targets, source, requests, subjects, params,  # every head, one pass
+                memo)
     per_seed: list[dict[str, _Pooled]] = []
     predictions, models, gate_means = [], {}, []
     choices: list[str] = []

@@ -14,17 +14,23 @@ def _cell(values: dict | None, key: str) -> str:
 
 def print_multitask(result: dict, console: Console | None = None) -> None:
     console = console or Console()
-    table = Table(title=f"fit-ensemble all: one multi-task model, {len(result['seeds'])} seeds")
-    for column in ("task", "metric", "test n", "multi-task", "single-task ensemble"):
-        table.add_column(column, justify="left" if column in ("task", "metric") else "right")
+    table = Table(title=f"fit-ensemble all: one multi-task model, {len(result['seeds'])} seeds"
+                        f" ({result['evaluation']} evaluation)")
+    for column in ("task", "metric", "test n", "multi-task", "combiner",
+                   "single-task ensemble"):
+        table.add_column(column, justify="left" if column in ("task", "metric", "combiner")
+                         else "right")
     for task, entry in result["tasks"].items():
         key = entry["metric"]
         table.add_row(task, key, str(entry["n_test"]), _cell(entry["multitask"], key),
+                      ", ".join(f"{c} ×{n}" for c, n in entry["combiner"].items()),
                       _cell(entry["single_task"], key))
     console.print(table)
     for task, entry in result["tasks"].items():
         if entry.get("single_task_note"):
             console.print(f"note: {task}: {entry['single_task_note']}")
+    for task, reason in result.get("skipped", {}).items():
+        console.print(f"skipped: {task}: {reason}")
 
 
 def print_variants(result: dict, console: Console | None = None) -> None:

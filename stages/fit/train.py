@@ -66,14 +66,63 @@ class Objective:
         return (loss * weight).sum() / weight.sum().clamp_min(1e-12)
 
 
-def heads_criterion(objectives: list[Objective], groups: np.ndarray, device: torch.device
-                    ) -> Criterion:
+@dataclass
+class TaskColumns:
+    """One task's share of a multi-task head: its output columns, what they fit, and the
+    cohort rows labelled for it (the others do not count in its loss)."""
+
+    name: str
+    columns: slice
+    objective: Objective
+    labelled: np.ndarray  # (N,) bool
+
+
+@dataclass
+class JointObjective:
+    """Several tasks fitted by one head, each on its own output columns (ECG-MoE's
+    multi-task fusion: a trunk per expert shared by every task, an output layer per task).
+
+    A row's loss is the mean over tasks of the task's (class-weighted) loss where the row is
+    labelled for it, so a partly labelled cohort trains one head; each task's targets are
+    standardised, or its classes weighted, on its own labelled training rows.
+    """
+
+    tasks: list[TaskColumns]
+    classification = False  # per task, in ``tasks``
+
+    @property
+    def width(self) -> int:
+        return self.tasks[-1].columns.stop
+
+
+def activate(objective: Objective | JointObjective, out: torch.Tensor) -> torch.Tensor:
+    """Raw head outputs (..., k) in head space: values, or class probabilities (per task)."""
+    if isinstance(objective, Objective):
+        return out.softmax(dim=-1) if objective.classification else out
+    return torch.cat([activate(t.objective, out[..., t.columns]) for t in objective.tasks],
+                     dim=-1)
+
+
+def linear_targets(objective: Objective | JointObjective
+                   ) -> list[tuple[int, np.ndarray, np.ndarray | None]]:
+    """The regression outputs a head's linear path can start fitted on: (column, standardised
+    target, rows labelled for it or None for every row)."""
+    if isinstance(objective, Objective):
+        return [] if objective.classification else [(0, objective.y, None)]
+    return [(t.columns.start, t.objective.y, t.labelled) for t in objective.tasks
+            if not t.objective.classification]
+
+
+def heads_criterion(objectives: list[Objective] | list[JointObjective], groups: np.ndarray,
+                    device: torch.device) -> Criterion:
     """The loss of a bank of heads (``stages.fit.bank``) whose member ``m`` fits
     ``objectives[groups[m]]`` (all the first when ``groups`` is empty): the cross-validation
     folds' heads standardise the target, or weigh the classes, by their own training rows.
     Raw outputs (M, B, k) are values, or logits turned into probabilities as ``Ensemble``
     does."""
     first = objectives[0]
+    if isinstance(first, JointObjective):
+        return _joint_criterion(objectives, groups, device)
     group = torch.as_tensor(groups, dtype=torch.long, device=device)
 
     def of(members: torch.Tensor) -> torch.Tensor:
@@ -99,6 +148,24 @@ def heads_criterion(objectives: list[Objective], groups: np.ndarray, device: tor
             weight = weights[of(members)][:, y]
         return loss, weight
     return Criterion(classes)
+
+
+def _joint_criterion(objectives: list[JointObjective], groups: np.ndarray,
+                     device: torch.device) -> Criterion:
+    parts = [(task.columns, torch.tensor(task.labelled, device=device),
+              heads_criterion([o.tasks[t].objective for o in objectives], groups, device))
+             for t, task in enumerate(objectives[0].tasks)]
+
+    def rows(out: torch.Tensor, chunk: np.ndarray, members: torch.Tensor
+             ) -> tuple[torch.Tensor, torch.Tensor]:
+        labelled_rows = torch.from_numpy(chunk).to(device)
+        total = None
+        for columns, labelled, criterion in parts:
+            loss, weight = criterion.rows(out[..., columns], chunk, members)
+            term = torch.where(labelled[labelled_rows], loss * weight, 0.0)
+            total = term if total is None else total + term
+        return total / len(parts), torch.ones(len(chunk), dtype=out.dtype, device=device)
+    return Criterion(rows)
 
 
 def _inputs(model: Ensemble) -> list[str]:
