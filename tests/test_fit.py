@@ -383,6 +383,21 @@ def _count_heads(monkeypatch) -> list[str]:
     return trained
 
 
+def _count_probes(monkeypatch) -> list[str]:
+    """The experts of every linear probe ``cross_fit_probe`` fits from here on."""
+    import stages.fit.run as run
+
+    probed: list[str] = []
+    real = run.cross_fit_probe
+
+    def counting(name, *args, **kwargs):
+        probed.append(name)
+        return real(name, *args, **kwargs)
+
+    monkeypatch.setattr(run, "cross_fit_probe", counting)
+    return probed
+
+
 def test_stored_heads_are_reused_only_under_the_same_key(fake, tmp_path, monkeypatch, caplog):
     import shutil
 
@@ -391,14 +406,18 @@ def test_stored_heads_are_reused_only_under_the_same_key(fake, tmp_path, monkeyp
     for name in ("strong", "weak", "gate"):
         shutil.copytree(root / "cache" / f"{name}.zarr", cache / f"{name}.zarr")
     trained = _count_heads(monkeypatch)
+    probed = _count_probes(monkeypatch)
     params = _params(head_store=True)
     first = fit_task("rr", params, root / "cohort.parquet", cache).metrics
     assert sorted(trained) == ["strong", "strong", "weak", "weak"]  # 2 experts x 2 seeds
+    assert sorted(probed) == sorted(trained)  # their linear probes, cross-fitted alike
     stored = sorted((cache / "heads").rglob("*.pt"))
-    assert len(stored) == 4
+    assert len(stored) == 8
     trained.clear()
+    probed.clear()
     again = fit_task("rr", params, root / "cohort.parquet", cache).metrics
-    assert trained == [] and again["methods"] == first["methods"]
+    assert trained == [] and probed == [] and again["methods"] == first["methods"]
+    stored = [path for path in stored if "head" in torch.load(path, weights_only=True)]
     # a gate setting keeps every head; a head setting or another task trains them anew
     fit_task("rr", _params(head_store=True, gate_hidden=8), root / "cohort.parquet", cache)
     assert trained == []

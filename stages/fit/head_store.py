@@ -5,9 +5,10 @@ A head's training is most of a fit's time, and most fits repeat heads an earlier
 trained: ``pipeline compare`` refits the fit stage's experts under other gates, a sweep over
 gate or combiner settings keeps every head, a re-run after an interrupted ``dvc repro``
 keeps them all. ``HeadMemo`` keeps each cross-fitted expert (``ExpertFit``: out-of-fold and
-held-out outputs, and the refitted head) under a key that holds everything it depends on:
-the task's targets, the split's rows, the seed, every head setting, the expert's cache
-fingerprint (weights, cohort) and the source of ``stages/fit``. Another value of any of
+held-out outputs, and the refitted head), and each cross-fitted linear probe, under a key
+that holds everything it depends on: the task's targets, the split's rows, the seed, every
+head setting, the expert's cache fingerprint (weights, cohort) and the source of
+``stages/fit``. Another value of any of
 them is another key; nothing is ever reused across them. On disk (``<cache>/heads/``) one
 file per key is written whole or not at all; an unreadable one is trained again. Deleting
 the folder is always safe.
@@ -18,17 +19,21 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 import torch
 
 from pipeline.staging import staged_file
-from stages.fit.crossfit import ExpertFit
+from stages.fit.combine import Linear
+from stages.fit.crossfit import ExpertFit, ProbeFit
 from stages.fit.model import ModelConfig, make_head
 
 log = logging.getLogger(__name__)
 FOLDER = "heads"
+Fit = TypeVar("Fit", ExpertFit, ProbeFit)
 
 
 def _code_digest() -> str:
@@ -62,7 +67,7 @@ class HeadMemo:
 
     def __init__(self, root: Path | None = None):
         self.root = Path(root) if root is not None else None
-        self.held: dict[str, ExpertFit] = {}
+        self.held: dict[str, ExpertFit | ProbeFit] = {}
 
     def _path(self, key: str) -> Path:
         return self.root / key[:2] / f"{key}.pt"
@@ -70,13 +75,32 @@ class HeadMemo:
     def get(self, key: str, config: ModelConfig) -> ExpertFit | None:
         """The expert stored under ``key`` (its head built with ``config``, which the key
         holds), or None."""
+        def build(saved: dict) -> ExpertFit:
+            head = make_head(saved["d_in"], saved["d_out"], config)
+            head.load_state_dict(saved["head"])
+            return ExpertFit(saved["outputs"].numpy(), head.eval())
+        return self._get(key, build)
+
+    def put(self, key: str, fit: ExpertFit, d_in: int) -> None:
+        self._put(key, fit, lambda: {"d_in": d_in, "d_out": int(fit.outputs.shape[1]),
+                                     "outputs": _tensor(fit.outputs),
+                                     "head": fit.head.state_dict()})
+
+    def get_probe(self, key: str, classification: bool, n_classes: int) -> ProbeFit | None:
+        """The cross-fitted linear probe stored under ``key``, or None."""
+        return self._get(key, lambda saved: ProbeFit(
+            saved["outputs"].numpy(),
+            Linear(json.loads(saved["linear"]), classification, n_classes)))
+
+    def put_probe(self, key: str, fit: ProbeFit) -> None:
+        self._put(key, fit, lambda: {"outputs": _tensor(fit.outputs),
+                                     "linear": json.dumps(fit.linear.state)})
+
+    def _get(self, key: str, build: Callable[[dict], Fit]) -> Fit | None:
         if key in self.held or self.root is None or not self._path(key).exists():
             return self.held.get(key)
         try:
-            saved = torch.load(self._path(key), weights_only=True)
-            head = make_head(saved["d_in"], saved["d_out"], config)
-            head.load_state_dict(saved["head"])
-            fit = ExpertFit(saved["outputs"].numpy(), head.eval())
+            fit = build(torch.load(self._path(key), weights_only=True))
         except Exception as error:  # a truncated or foreign file: train it again
             log.warning("ignoring unreadable stored head %s (%s); it is trained again",
                         self._path(key), error)
@@ -84,15 +108,17 @@ class HeadMemo:
         self.held[key] = fit
         return fit
 
-    def put(self, key: str, fit: ExpertFit, d_in: int) -> None:
+    def _put(self, key: str, fit: Fit, payload: Callable[[], dict]) -> None:
         self.held[key] = fit
         if self.root is None:
             return
         try:
             with staged_file(self._path(key)) as tmp:
-                torch.save({"d_in": d_in, "d_out": int(fit.outputs.shape[1]),
-                            "outputs": torch.from_numpy(np.ascontiguousarray(fit.outputs)),
-                            "head": fit.head.state_dict()}, tmp)
+                torch.save(payload(), tmp)
         except OSError as error:  # a full disk, a read-only cache: the fit itself is done
             log.warning("could not store head %s (%s); a later fit trains it again",
                         self._path(key), error)
+
+
+def _tensor(array: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(array))

@@ -45,6 +45,7 @@ from stages.fit.combine import (
 )
 from stages.fit.crossfit import (
     ExpertFit,
+    ProbeFit,
     Split,
     cross_fit,
     cross_fit_probe,
@@ -292,9 +293,8 @@ def fit_split(task: Task, targets: Targets, source: FeatureSource, rows: dict[st
         if scaled_on is not None:  # a probe scales its features on its own training rows
             source.fit_scaling(rows["train"])
         try:
-            probes = {b: cross_fit_probe(b, source, objective, rows, subjects, d_out,
-                                         task.balance_classes, params.oof_folds,
-                                         seed * 100 + k) for k, b in enumerate(names)}
+            probes = {b: _probe(b, task, targets, source, objective, rows, subjects, params,
+                                seed * 100 + k, memo) for k, b in enumerate(names)}
         finally:
             source.scaling = scaling
     learners = Combiners(stacked, names, objective, source, rows["val"], config,
@@ -341,6 +341,23 @@ def fit_split(task: Task, targets: Targets, source: FeatureSource, rows: dict[st
     model.gate = gate.gate if gate is not None else None
     return SplitFit(rows, methods, stacked[rows["test"]], gate_test, model.eval(), scale,
                     dict(source.scaling), fitted[choice].spec, losses)
+
+
+def _probe(name: str, task: Task, targets: Targets, source: FeatureSource,
+           objective: Objective, rows: dict[str, np.ndarray], subjects: np.ndarray,
+           params: FitParams, seed: int, memo: HeadMemo) -> ProbeFit:
+    """``cross_fit_probe`` (features scaled on ``rows['train']``), kept in ``memo`` like a
+    head: the fits of other head or gate settings, and the multi-task fit, reuse it."""
+    key = head_key("probe", task.name, labels_digest(targets), source.fingerprints.get(name, {}),
+                   name, seed, _rows_digest(rows), params.inputs.get(name, "features"),
+                   params.loss, params.oof_folds)
+    d_out = _d_out(task, targets)
+    fit = memo.get_probe(key, objective.classification, d_out)
+    if fit is None:
+        fit = cross_fit_probe(name, source, objective, rows, subjects, d_out,
+                              task.balance_classes, params.oof_folds, seed)
+        memo.put_probe(key, fit)
+    return fit
 
 
 def _gate_settings(params: FitParams) -> dict:
