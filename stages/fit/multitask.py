@@ -30,7 +30,7 @@ import pandas as pd
 from pipeline.params import TASKS as TASK_IDS
 from pipeline.params import FitParams
 from stages.fit.crossfit import ExpertFit
-from stages.fit.features import load_features
+from stages.fit.features import FeatureSource, load_features
 from stages.fit.head_store import HeadMemo
 from stages.fit.model import head_columns
 from stages.fit.run import (
@@ -97,7 +97,8 @@ def fit_multitask(params: FitParams, cohort_path: Path, cache_dir: Path,
                   memo: HeadMemo | None = None) -> dict:
     """Fit one multi-task model for ``tasks`` (default all five) and evaluate each task;
     returns metrics per task (the ensemble's under ``multitask``, every method's under
-    ``methods``). ``memo``: where cross-fitted heads are kept (default the head store)."""
+    ``methods``) and the tasks skipped with why. ``memo``: where cross-fitted heads are
+    kept (default the head store)."""
     cohort = pd.read_parquet(cohort_path)
     split = cohort["split"].to_numpy()
     subjects = cohort["subject_id"].astype(str).to_numpy()
@@ -131,27 +132,27 @@ def fit_multitask(params: FitParams, cohort_path: Path, cache_dir: Path,
                     "gate_inputs": list(params.gate_inputs), "evaluation": mode,
                     "tasks": {}, "skipped": skipped}
     for name, encoded in targets.items():
-        result["tasks"][name] = _evaluate(name, encoded, columns[name], source, folds, requests,
-                                          fitted, subjects, params)
+        result["tasks"][name] = _evaluate(name, encoded, columns[name], source, folds, fitted,
+                                          subjects, params)
     return result
 
 
-def _evaluate(name: str, encoded: Targets, columns: slice, source, folds: dict[int, list[Rows]],
-              requests: list[tuple[int, Rows]], fitted: list[dict[str, ExpertFit]],
+def _evaluate(name: str, encoded: Targets, columns: slice, source: FeatureSource,
+              folds: dict[int, list[Rows]], fitted: list[dict[str, ExpertFit]],
               subjects: np.ndarray, params: FitParams) -> dict:
-    """One task's ensemble from its columns of the multi-task heads, as ``fit_task``
-    evaluates a single-task fit (without baselines)."""
+    """One task's ensemble from its columns of the multi-task heads (``fitted``: one per
+    seed and rows of ``folds``, in order), as ``fit_task`` evaluates a single-task fit
+    (without baselines)."""
     task = TASKS[name]
-    at = 0
     per_seed, choices = [], []
-    evaluated = np.sort(np.concatenate([r["test"] for r in folds[requests[0][0]]]))
+    heads_of = iter(fitted)
+    evaluated = np.sort(np.concatenate([r["test"] for r in next(iter(folds.values()))]))
     evaluated = evaluated[encoded.labelled[evaluated]]
     for seed, rows_list in folds.items():
         fits, trivial = [], []
         for rows in rows_list:
             own = {s: r[encoded.labelled[r]] for s, r in rows.items()}
-            experts = {b: _task_part(f, columns) for b, f in fitted[at].items()}
-            at += 1
+            experts = {b: _task_part(f, columns) for b, f in next(heads_of).items()}
             fits.append(fit_split(task, encoded, source, own, subjects, params, seed, False,
                                   fits=experts, scaled_on=rows["train"]))
             trivial.append(_trivial(task, encoded, own))
