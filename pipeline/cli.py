@@ -197,6 +197,10 @@ def fit_ensemble(
     Writes metrics/TASK.json (ensemble and baselines, mean ± std over seeds),
     predictions/TASK.parquet (test split) and models/TASK/. A task without labels in the
     cohort is reported and skipped.
+
+    With `--task all`: one multi-task model (per expert a head whose trunk every task
+    shares), cross-fitted like the single-task heads, each task's combiner chosen as in
+    its own fit; writes metrics/multitask.json (no model file).
     """
     from pipeline.device import resolve_device
     from pipeline.feature_cache import CacheError
