@@ -255,12 +255,15 @@ def test_multitask_section_when_present(tmp_path):
         "multitask.json": {"tasks": {
             "age": {"metric": "mae", "n_test": 10,
                     "multitask": {"mae": {"mean": 9.5, "std": 0.25}},
+                    "combiner": {"gate": 2, "stacking": 1},
                     "single_task": {"mae": {"mean": 9.0, "std": 0.1}}},
             "ka": {"metric": "f1", "n_test": 10, "multitask": {"f1": {"mean": 0.4, "std": 0.1}},
-                   "single_task": None}}}})
+                   "single_task": None}},
+            "skipped": {"rr": "no rr labels in the test rows of a fold or split"}}})
     assert "## Multi-task model vs single-task ensembles" in text
-    assert "| age (mae ↓) | 9.50 ± 0.25 | 9.00 ± 0.10 |" in text
-    assert "| ka (f1 ↑) | 0.400 ± 0.100 | not comparable |" in text
+    assert "| age (mae ↓) | 9.50 ± 0.25 | gate ×2, stacking ×1 | 9.00 ± 0.10 |" in text
+    assert "| ka (f1 ↑) | 0.400 ± 0.100 | — | not comparable |" in text
+    assert "rr: skipped (no rr labels in the test rows of a fold or split)" in text
 
 
 def test_variants_section_bolds_the_best_and_adds_multitask(tmp_path):

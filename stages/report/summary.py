@@ -80,15 +80,20 @@ def _multitask_section(path: Path) -> list[str]:
     except (OSError, ValueError):
         return ["", "## Multi-task model", "", f"`{path}` is unreadable."]
     lines = ["", "## Multi-task model vs single-task ensembles", "",
-             "One model for all tasks (`pipeline fit-ensemble --task all`), same experts, gate "
-             "inputs and seeds as the single-task fits.", "",
-             "| task (metric) | multi-task | single-task ensemble |", "|---|---|---|"]
+             "One model for all tasks (`pipeline fit-ensemble --task all`: per expert a head "
+             "whose trunk every task shares, cross-fitted, each task's combiner chosen as in "
+             "its own fit), beside the single-task fit of the same experts, gate inputs, seeds "
+             "and evaluation.", "",
+             "| task (metric) | multi-task | combiner chosen | single-task ensemble |",
+             "|---|---|---|---|"]
     for task, entry in result.get("tasks", {}).items():
         metric = entry["metric"]
         single = entry.get("single_task")
+        chosen = ", ".join(f"{c} ×{n}" for c, n in entry.get("combiner", {}).items()) or "—"
         lines.append(f"| {task} ({metric} {_arrow(metric)}) | "
-                     f"{format_cell(metric, entry['multitask'].get(metric))} | "
+                     f"{format_cell(metric, entry['multitask'].get(metric))} | {chosen} | "
                      f"{format_cell(metric, single.get(metric)) if single else 'not comparable'} |")
+    lines += [f"\n{task}: skipped ({reason})" for task, reason in result.get("skipped", {}).items()]
     return lines
 
 
