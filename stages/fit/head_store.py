@@ -8,10 +8,9 @@ keeps them all. ``HeadMemo`` keeps each cross-fitted expert (``ExpertFit``: out-
 held-out outputs, and the refitted head), and each cross-fitted linear probe, under a key
 that holds everything it depends on: the task's targets, the split's rows, the seed, every
 head setting, the expert's cache fingerprint (weights, cohort) and the source of
-``stages/fit``. Another value of any of
-them is another key; nothing is ever reused across them. On disk (``<cache>/heads/``) one
-file per key is written whole or not at all; an unreadable one is trained again. Deleting
-the folder is always safe.
+``stages/fit``. Another value of any of them is another key; nothing is ever reused across
+them. On disk (``<cache>/heads/``) one file per key is written whole or not at all; an
+unreadable one is trained again. Deleting the folder is always safe.
 """
 
 from __future__ import annotations

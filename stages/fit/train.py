@@ -88,11 +88,6 @@ class JointObjective:
     """
 
     tasks: list[TaskColumns]
-    classification = False  # per task, in ``tasks``
-
-    @property
-    def width(self) -> int:
-        return self.tasks[-1].columns.stop
 
 
 def activate(objective: Objective | JointObjective, out: torch.Tensor) -> torch.Tensor:
@@ -158,11 +153,11 @@ def _joint_criterion(objectives: list[JointObjective], groups: np.ndarray,
 
     def rows(out: torch.Tensor, chunk: np.ndarray, members: torch.Tensor
              ) -> tuple[torch.Tensor, torch.Tensor]:
-        labelled_rows = torch.from_numpy(chunk).to(device)
+        index = torch.from_numpy(chunk).to(device)
         total = None
         for columns, labelled, criterion in parts:
             loss, weight = criterion.rows(out[..., columns], chunk, members)
-            term = torch.where(labelled[labelled_rows], loss * weight, 0.0)
+            term = torch.where(labelled[index], loss * weight, 0.0)
             total = term if total is None else total + term
         return total / len(parts), torch.ones(len(chunk), dtype=out.dtype, device=device)
     return Criterion(rows)
