@@ -55,9 +55,9 @@ def _timed(owner: object, name: str, label: str) -> None:
 def _instrument() -> None:
     _timed(run, "cross_fit", "heads")
     _timed(run, "cross_fit_probe", "probes")
-    _timed(select, "fit_weightings", "gate")
+    _timed(run, "fit_gates", "gate")
     _timed(select.Combiners, "_stacking", "stacking")
-    _timed(run, "_weight_generator", "weight generator")
+    _timed(run, "_weight_generators", "weight generator")
     _timed(run, "intervals", "bootstrap")
     _timed(run.FitResult, "write", "writing")
 

@@ -53,6 +53,15 @@ def _linear(d_in: int, d_out: int, generator: torch.Generator
     return _uniform((d_in, d_out), d_in, generator), _uniform((d_out,), d_in, generator)
 
 
+def input_affine(base: tuple[np.ndarray, np.ndarray], own: tuple[np.ndarray, np.ndarray]
+                 ) -> tuple[np.ndarray, np.ndarray]:
+    """(a, c) with ``(x - own_mean) / own_std = x_base * a + c`` for features scaled with
+    ``base``."""
+    (base_mean, base_std), (mean, std) = base, own
+    return ((base_std / std).astype(np.float32),
+            ((base_mean - mean) / std).astype(np.float32))
+
+
 class _Stacked(nn.Module):
     """Weights of M members kept flat: every trainable weight in one (M, P) parameter and
     every frozen one in one (M, Q) buffer, so an optimiser step is a few tensor operations
@@ -74,6 +83,8 @@ class _Stacked(nn.Module):
 
         self.flat = nn.Parameter(flat(True))
         self.register_buffer("fixed", flat(False))
+        self.register_buffer("in_scale", None, persistent=False)
+        self.register_buffer("in_shift", None, persistent=False)
 
     @property
     def n_members(self) -> int:
@@ -92,6 +103,27 @@ class _Stacked(nn.Module):
     def weight(self, name: str) -> torch.Tensor:
         """All members' ``name`` weight, a view of the flat storage (writable in place)."""
         return self.weights()[name]
+
+    def set_input_scaling(self, scale: np.ndarray, shift: np.ndarray) -> None:
+        """Member ``m`` reads ``x * scale[m] + shift[m]`` (M, D) instead of the batch's ``x``.
+
+        Members fitted on different training rows (the folds of cross-validation) scale the
+        features with their own rows' moments; the batch is scaled once with shared ones,
+        and each member's affine correction (near 1 and 0, so nothing cancels in float32)
+        is applied inside its products: ``(x * a + c) @ W = x @ (a * W) + c @ W``."""
+        self.in_scale = torch.as_tensor(scale, dtype=self.flat.dtype, device=self.flat.device)
+        self.in_shift = torch.as_tensor(shift, dtype=self.flat.dtype, device=self.flat.device)
+
+    def _project(self, x: torch.Tensor, w: torch.Tensor, members: torch.Tensor | None
+                 ) -> torch.Tensor:
+        """(B, D) features through each member's (M', D, k) weights -> (M', B, k), with the
+        member's input scaling."""
+        if self.in_scale is None:
+            return torch.einsum("bd,mdk->mbk", x, w)
+        scale, shift = ((self.in_scale, self.in_shift) if members is None
+                        else (self.in_scale[members], self.in_shift[members]))
+        return (torch.einsum("bd,mdk->mbk", x, scale[..., None] * w)
+                + torch.einsum("md,mdk->mk", shift, w)[:, None])
 
 
 class HeadBank(_Stacked):
@@ -126,29 +158,6 @@ class HeadBank(_Stacked):
         self.d_in, self.d_out, self.config, self.lora = d_in, d_out, config, lora
         self.scale = config.lora_alpha / config.lora_r if lora else 0.0
         self.first: torch.Tensor | None = None
-        self.register_buffer("in_scale", None, persistent=False)
-        self.register_buffer("in_shift", None, persistent=False)
-
-    def set_input_scaling(self, scale: np.ndarray, shift: np.ndarray) -> None:
-        """Member ``m`` reads ``x * scale[m] + shift[m]`` (M, D) instead of the batch's ``x``.
-
-        Members fitted on different training rows (the folds of cross-validation) scale the
-        features with their own rows' moments; the batch is scaled once with shared ones,
-        and each member's affine correction (near 1 and 0, so nothing cancels in float32)
-        is applied inside its products: ``(x * a + c) @ W = x @ (a * W) + c @ W``."""
-        self.in_scale = torch.as_tensor(scale, dtype=self.flat.dtype, device=self.flat.device)
-        self.in_shift = torch.as_tensor(shift, dtype=self.flat.dtype, device=self.flat.device)
-
-    def _project(self, x: torch.Tensor, w: torch.Tensor, members: torch.Tensor | None
-                 ) -> torch.Tensor:
-        """(B, D) features through each member's (M', D, k) weights -> (M', B, k), with the
-        member's input scaling."""
-        if self.in_scale is None:
-            return torch.einsum("bd,mdk->mbk", x, w)
-        scale, shift = ((self.in_scale, self.in_shift) if members is None
-                        else (self.in_scale[members], self.in_shift[members]))
-        return (torch.einsum("bd,mdk->mbk", x, scale[..., None] * w)
-                + torch.einsum("md,mdk->mk", shift, w)[:, None])
 
     def precompute(self, x: torch.Tensor) -> None:
         """Keep the frozen first layer's output (M, N, h) for every row of ``x`` (N, D),
@@ -247,7 +256,7 @@ class GateBank(_Stacked):
     def forward(self, x: torch.Tensor, members: torch.Tensor | None = None,
                 rows: torch.Tensor | None = None) -> torch.Tensor:
         w = self.weights(members)
-        hidden = torch.relu(torch.einsum("bd,mdh->mbh", x, w["w1"]) + w["b1"][:, None])
+        hidden = torch.relu(self._project(x, w["w1"], members) + w["b1"][:, None])
         logits = torch.bmm(hidden, w["w2"]) + w["b2"][:, None]
         return logits.view(len(logits), len(x), self.n_experts, self.d_out).softmax(dim=2)
 
@@ -540,13 +549,14 @@ def train_banks(banks: Banks, reader: Reader, criterion: Criterion, train: list[
     return {"epochs": epochs, "best_val_loss": best.loss.tolist()}
 
 
-def predict_banks(banks: Banks, reader: Reader, rows: np.ndarray, batch_size: int
-                  ) -> torch.Tensor:
-    """Every member's output on ``rows`` (in the order given): (M, n, ...)."""
+def predict_banks(banks: Banks, reader: Reader, rows: np.ndarray, batch_size: int,
+                  members: torch.Tensor | None = None) -> torch.Tensor:
+    """Every member's output on ``rows`` (in the order given): (M, n, ...); of ``members``
+    (sorted indices) only when given."""
     order = np.unique(rows)
     parts = []
     with torch.no_grad():
         for chunk, x in reader.batches(order, batch_size, None):
-            parts.append(banks(x, None, _index(chunk, reader.device)))
+            parts.append(banks(x, members, _index(chunk, reader.device)))
     out = torch.cat(parts, dim=1)
     return out[:, torch.from_numpy(np.searchsorted(order, rows)).to(out.device)]

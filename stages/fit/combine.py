@@ -19,6 +19,7 @@ for regression, class probabilities (n, E, C) for classification.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -33,26 +34,51 @@ ALPHAS = np.logspace(-3, 4, 15)
 CS = (0.01, 0.1, 1.0, 10.0)
 
 
-def _weighting_criterion(objective: Objective, outputs: torch.Tensor, n_experts: int,
-                         expected: bool, prior: float) -> Criterion:
-    """The loss of a bank of weighting networks whose outputs are weights (M, B, E, d).
+@dataclass
+class Weighting:
+    """One split's weighting networks for ``fit_weightings``: the experts' outputs they mix
+    (N, E, k) and the objective, both indexed by cohort row; the row sets they fit (a
+    network each), the validation rows that stop them, the seed network ``m`` starts from
+    (``seed + m``), and the correction (a, c) from the batch's input scaling to the split's
+    own (``bank.input_affine``; None where they agree)."""
+
+    outputs: np.ndarray
+    objective: Objective
+    train_sets: list[np.ndarray]
+    val_rows: np.ndarray
+    seed: int
+    affine: tuple[np.ndarray, np.ndarray] | None = None
+
+
+def _weighting_criterion(weightings: list[Weighting], groups: torch.Tensor, n_experts: int,
+                         expected: bool, prior: float, device: torch.device) -> Criterion:
+    """The loss of a bank of weighting networks whose outputs are weights (M, B, E, d), member
+    ``m`` mixing the outputs of ``weightings[groups[m]]`` for its objective.
 
     With ``expected`` (regression) the loss is the competitive MoE loss Σ w_i·loss(ŷ_i)
     (Jacobs et al., 1991) instead of the loss of the mixture: it moves weight off an expert
     that is worse on a sample, where with the mixture's loss errors of opposite sign hide.
     ``prior`` adds KL(w ‖ uniform).
     """
-    y_all = torch.from_numpy(objective.y).to(outputs.device)
+    first = weightings[0].objective
+    outputs = torch.stack([torch.from_numpy(w.outputs) for w in weightings]).to(device)
+    y_all = torch.from_numpy(np.stack([w.objective.y for w in weightings])).to(device)
+    class_weight = (torch.stack([w.objective.class_weight for w in weightings]).to(device)
+                    if first.classification and first.class_weight is not None else None)
 
-    def rows(weights: torch.Tensor, chunk: np.ndarray, _: torch.Tensor
+    def rows(weights: torch.Tensor, chunk: np.ndarray, members: torch.Tensor
              ) -> tuple[torch.Tensor, torch.Tensor]:
-        index = torch.from_numpy(chunk).to(outputs.device)
-        out, y = outputs[index], y_all[index]
-        if expected and not objective.classification:
-            error = out[:, :, 0] - y[:, None]
-            per_expert = error.abs() if objective.loss == "l1" else error ** 2
+        index = torch.from_numpy(chunk).to(device)
+        group = groups[members][:, None]
+        out, y = outputs[group, index[None, :]], y_all[group, index[None, :]]
+        if expected and not first.classification:
+            error = out[..., 0] - y[..., None]
+            per_expert = error.abs() if first.loss == "l1" else error ** 2
             return (weights.mean(-1) * per_expert).sum(-1), torch.ones_like(y)
-        return objective.rows(mix(weights, out, objective.classification), y)
+        loss, weight = first.rows(mix(weights, out, first.classification), y)
+        if class_weight is not None:
+            weight = class_weight[group, y]
+        return loss, weight
 
     def kl(weights: torch.Tensor) -> torch.Tensor:
         return prior * (weights * (weights.clamp_min(1e-8) * n_experts).log()).sum(2).mean(-1)
@@ -69,38 +95,50 @@ def _reader(inputs: Inputs, reads: list[str], source: FeatureSource, device: tor
 
 
 def fit_weightings(d_in: int, inputs: Inputs, reads: list[str], source: FeatureSource,
-                   outputs: np.ndarray, objective: Objective, train_sets: list[np.ndarray],
-                   val_rows: np.ndarray, config: ModelConfig, seed: int, *, lr: float,
+                   weightings: list[Weighting], config: ModelConfig, *, lr: float,
                    weight_decay: float, batch_size: int, max_epochs: int, patience: int,
                    prior: float, expected: bool = False,
                    device: torch.device | str = "cpu") -> Banks:
-    """Weighting networks, one per row set in ``train_sets``, trained so Σ w(x)·outputs[x]
-    fits the target (early stopping on ``val_rows``), as members of one bank.
+    """Weighting networks, one per row set of each ``Weighting``, trained so Σ w(x)·outputs[x]
+    fits its target (early stopping on its validation rows), as members of one bank in
+    that order; each starts from its own seed, and its best validation state is restored.
 
-    ``outputs`` is indexed by cohort row (N, E, k); ``inputs`` turns a feature batch of the
-    arrays ``reads`` into the networks' input (d_in wide). Member ``m`` starts from seed
-    ``seed + m``; the best validation state of each is restored.
+    ``inputs`` turns a feature batch of the arrays ``reads`` (scaled with
+    ``source.scaling``) into the networks' input (d_in wide). The gates of every seed and
+    fold of a task train in one pass: one at a time, each was a few hundred steps of a
+    network too small to keep the cores busy. Batches shuffle the union of the members'
+    rows with the first weighting's seed.
     """
     device = torch.device(device)
-    n_experts = outputs.shape[1]
-    bank = GateBank(d_in, n_experts, outputs.shape[2], config,
-                    [seed + m for m in range(len(train_sets))])
+    groups = [g for g, w in enumerate(weightings) for _ in w.train_sets]
+    first = weightings[0].outputs
+    bank = GateBank(d_in, first.shape[1], first.shape[2], config,
+                    [w.seed + m for w in weightings for m in range(len(w.train_sets))])
+    if any(w.affine is not None for w in weightings):
+        identity = (np.ones(d_in, dtype=np.float32), np.zeros(d_in, dtype=np.float32))
+        affine = [w.affine or identity for w in weightings for _ in w.train_sets]
+        bank.set_input_scaling(np.stack([a for a, _ in affine]), np.stack([c for _, c in affine]))
     banks = Banks({"weights": bank}).to(device)
-    criterion = _weighting_criterion(objective, torch.from_numpy(outputs).to(device),
-                                     n_experts, expected, prior)
-    train_banks(banks, _reader(inputs, reads, source, device), criterion, list(train_sets),
-                [val_rows] * len(train_sets), lr=lr, weight_decay=weight_decay,
-                batch_size=batch_size, max_epochs=max_epochs, patience=patience, seed=seed)
+    criterion = _weighting_criterion(weightings, torch.tensor(groups, device=device),
+                                     first.shape[1], expected, prior, device)
+    train_banks(banks, _reader(inputs, reads, source, device), criterion,
+                [rows for w in weightings for rows in w.train_sets],
+                [weightings[g].val_rows for g in groups], lr=lr, weight_decay=weight_decay,
+                batch_size=batch_size, max_epochs=max_epochs, patience=patience,
+                seed=weightings[0].seed)
     return banks
 
 
 def apply_weightings(banks: Banks, inputs: Inputs, reads: list[str], source: FeatureSource,
                      outputs: np.ndarray, rows: np.ndarray, classification: bool,
-                     batch_size: int) -> tuple[np.ndarray, np.ndarray]:
+                     batch_size: int, members: slice = slice(None)
+                     ) -> tuple[np.ndarray, np.ndarray]:
     """(mixtures (M, n, k), weights averaged over outputs (M, n, E)) for ``rows`` in order,
-    for every member of a bank from ``fit_weightings``."""
+    for ``members`` (default all) of a bank from ``fit_weightings`` mixing ``outputs``."""
     device = next(banks.parameters()).device
-    weights = predict_banks(banks, _reader(inputs, reads, source, device), rows, batch_size)
+    index = torch.arange(banks.n_members, device=device)[members]
+    weights = predict_banks(banks, _reader(inputs, reads, source, device), rows, batch_size,
+                            index)
     mixtures = mix(weights, torch.from_numpy(outputs[rows]).to(device), classification)
     return mixtures.float().cpu().numpy(), weights.mean(-1).float().cpu().numpy()
 

@@ -17,7 +17,14 @@ import numpy as np
 import torch
 
 from pipeline.params import FitParams
-from stages.fit.bank import Banks, HeadBank, Reader, predict_banks, train_banks
+from stages.fit.bank import (
+    Banks,
+    HeadBank,
+    Reader,
+    input_affine,
+    predict_banks,
+    train_banks,
+)
 from stages.fit.combine import Linear
 from stages.fit.features import FeatureSource
 from stages.fit.model import ModelConfig
@@ -96,7 +103,7 @@ def cross_fit(jobs: list[Job], splits: list[Split], source: FeatureSource,
     order = [job for b in names for job in by_expert[b]]  # the members' order in ``banks``
     fitted = [f for job in order for f, _ in members[job]]
     groups = np.array([job[2] for job in order for _ in members[job]])
-    affine = {b: [_affine(source.scaling[b], splits[job[2]].scaling[b])
+    affine = {b: [input_affine(source.scaling[b], splits[job[2]].scaling[b])
                   for job in by_expert[b] for _ in members[job]] for b in names}
     for b in names:
         if any(c.any() or (a != 1).any() for a, c in affine[b]):
@@ -141,15 +148,6 @@ def cross_fit(jobs: list[Job], splits: list[Split], source: FeatureSource,
         result[job] = ExpertFit(outputs, banks.banks[job[0]].export(last))
         start += len(members[job])
     return result
-
-
-def _affine(base: tuple[np.ndarray, np.ndarray], own: tuple[np.ndarray, np.ndarray]
-            ) -> tuple[np.ndarray, np.ndarray]:
-    """(a, c) with ``(x - own_mean) / own_std = x_base * a + c`` for features scaled with
-    ``base``."""
-    (base_mean, base_std), (mean, std) = base, own
-    return ((base_std / std).astype(np.float32),
-            ((base_mean - mean) / std).astype(np.float32))
 
 
 @dataclass

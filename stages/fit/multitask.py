@@ -35,6 +35,7 @@ from stages.fit.head_store import HeadMemo
 from stages.fit.model import head_columns
 from stages.fit.run import (
     ENSEMBLE,
+    SplitRequest,
     _aggregate,
     _d_out,
     _intervals,
@@ -48,6 +49,7 @@ from stages.fit.run import (
     head_memo,
     heads,
     labels_digest,
+    prefit_splits,
 )
 from stages.fit.tasks import TASKS, Targets, encode, score
 from stages.fit.train import JointObjective, TaskColumns
@@ -145,17 +147,23 @@ def _evaluate(name: str, encoded: Targets, columns: slice, source: FeatureSource
     (without baselines)."""
     task = TASKS[name]
     per_seed, choices = [], []
-    heads_of = iter(fitted)
     evaluated = np.sort(np.concatenate([r["test"] for r in next(iter(folds.values()))]))
     evaluated = evaluated[encoded.labelled[evaluated]]
-    for seed, rows_list in folds.items():
+    planned = [SplitRequest(seed, {s: r[encoded.labelled[r]] for s, r in rows.items()},
+                            {b: _task_part(f, columns) for b, f in experts.items()},
+                            rows["train"], False)
+               for (seed, rows), experts in zip(
+                   ((seed, rows) for seed, rows_list in folds.items() for rows in rows_list),
+                   fitted, strict=True)]
+    ready = iter(zip(planned, prefit_splits(task, encoded, source, planned, subjects, params),
+                     strict=True))
+    for rows_list in folds.values():
         fits, trivial = [], []
-        for rows in rows_list:
-            own = {s: r[encoded.labelled[r]] for s, r in rows.items()}
-            experts = {b: _task_part(f, columns) for b, f in next(heads_of).items()}
-            fits.append(fit_split(task, encoded, source, own, subjects, params, seed, False,
-                                  fits=experts, scaled_on=rows["train"]))
-            trivial.append(_trivial(task, encoded, own))
+        for plan, prefit in (next(ready) for _ in rows_list):
+            fits.append(fit_split(task, encoded, source, plan.rows, subjects, params,
+                                  plan.seed, False, fits=plan.fits, scaled_on=plan.scaled_on,
+                                  prefit=prefit))
+            trivial.append(_trivial(task, encoded, plan.rows))
         per_seed.append(_pool(task, fits, trivial, evaluated))
         choices.extend(fit.combiner["name"] for fit in fits)
     y = encoded.y[evaluated]

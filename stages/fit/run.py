@@ -35,8 +35,10 @@ from pipeline.device import resolve_device
 from pipeline.feature_cache import CacheError, feature_differences
 from pipeline.params import FitParams
 from pipeline.staging import staged_dir, staged_file
+from stages.fit.bank import input_affine
 from stages.fit.bootstrap import intervals
 from stages.fit.combine import (
+    Weighting,
     apply_weightings,
     confidence_weights,
     fit_weightings,
@@ -55,7 +57,18 @@ from stages.fit.features import GATE, FeatureSource, load_features
 from stages.fit.head_store import FOLDER, HeadMemo, array_digest, head_key
 from stages.fit.model import Ensemble, ModelConfig
 from stages.fit.probes import linear_probe
-from stages.fit.select import GATE_NAME, PROBE, Combiners, choose, cross_validated_losses
+from stages.fit.select import (
+    GATE_NAME,
+    PROBE,
+    Combiners,
+    Fitted,
+    Job,
+    choose,
+    cross_validated_losses,
+    fit_gates,
+    job_key,
+    selection_jobs,
+)
 from stages.fit.tasks import TASKS, Targets, Task, best_f1_threshold, encode, score
 from stages.fit.train import JointObjective, Objective
 
@@ -150,18 +163,112 @@ class SplitFit:
     losses: dict[str, float]  # every candidate's cross-validated loss (combiner: select)
 
 
-def _weight_generator(inputs: Callable, reads: list[str], d_in: int, stacked: np.ndarray,
-                      source: FeatureSource, objective: Objective,
-                      rows: dict[str, np.ndarray], config: ModelConfig, params: FitParams,
-                      seed: int) -> dict[str, np.ndarray]:
-    """EnECG's sample-aware weight generator: the gate's network fed the experts' own
-    features, fitted on out-of-fold outputs; its mixtures on val and test."""
-    banks = fit_weightings(d_in, inputs, reads, source, stacked, objective, [rows["train"]],
-                           rows["val"], config, seed, device=resolve_device(params.device),
-                           **_gate_settings(params))
-    return {s: apply_weightings(banks, inputs, reads, source, stacked, rows[s],
-                                objective.classification, params.batch_size)[0][0]
-            for s in ("val", "test")}
+@dataclass
+class Prefit:
+    """What ``fit_split`` reads instead of fitting: its feature scaling, its gates (by
+    ``select.job_key``) and its weight generator's mixtures on val and test, trained with
+    every other split's of the task in one pass (``prefit_splits``)."""
+
+    scaling: dict[str, tuple[np.ndarray, np.ndarray]]
+    gates: dict[str, Fitted]
+    weight_generator: dict[str, np.ndarray] | None
+
+
+@dataclass
+class SplitRequest:
+    """One ``fit_split`` to come: its seed, rows, cross-fitted experts, the rows its
+    features are scaled on (None: its training rows) and whether it fits the baselines."""
+
+    seed: int
+    rows: dict[str, np.ndarray]
+    fits: dict[str, ExpertFit]
+    scaled_on: np.ndarray | None
+    baselines: bool
+
+
+def _gate_jobs(rows: dict[str, np.ndarray], subjects: np.ndarray, params: FitParams,
+               seed: int) -> list[Job]:
+    """The gates ``fit_split`` fits: one per selection fold (``combiner: select``), and the
+    one kept, on every training row, with outputs on val and test."""
+    kept = (rows["train"], [rows["val"], rows["test"]])
+    if params.combiner != "select":
+        return [kept]
+    return [*selection_jobs(rows["train"], subjects, params.oof_folds, seed * 100 + 70), kept]
+
+
+def _affine(base: tuple[np.ndarray, np.ndarray], own: tuple[np.ndarray, np.ndarray]
+            ) -> tuple[np.ndarray, np.ndarray] | None:
+    same = np.array_equal(base[0], own[0]) and np.array_equal(base[1], own[1])
+    return None if same else input_affine(base, own)
+
+
+def prefit_splits(task: Task, targets: Targets, source: FeatureSource, requests: list[SplitRequest],
+           subjects: np.ndarray, params: FitParams) -> list[Prefit]:
+    """The gates and weight generators of every split of a task (its seeds and the folds
+    of cross-validation), each kind trained as one bank: alone, each was a few hundred
+    steps of a network too small to keep the cores busy, and a cross-validated fit has
+    eighteen. Each split's networks read its own feature scaling (corrected inside the
+    bank, as ``cross_fit`` does for heads)."""
+    names = list(params.backbones)
+    scaled = [r.rows["train"] if r.scaled_on is None else r.scaled_on for r in requests]
+    digests = [array_digest(rows) for rows in scaled]
+    by_digest = {d: source.scaling_of(rows) for d, rows in zip(digests, scaled, strict=True)}
+    scalings = [by_digest[d] for d in digests]
+    if len(names) < 2:
+        return [Prefit(scaling, {}, None) for scaling in scalings]
+    base = (scalings[0] if len(by_digest) == 1
+            else source.scaling_of(np.unique(np.concatenate(scaled))))
+    config, settings = _model_config(params), _gate_settings(params)
+    device = resolve_device(params.device)
+    saved = source.scaling
+    source.scaling = base
+    try:
+        stacked = [np.stack([r.fits[b].outputs for b in names], axis=1) for r in requests]
+        objectives = [_objective(task, targets, r.rows["train"], params)[0] for r in requests]
+        jobs = [_gate_jobs(r.rows, subjects, params, r.seed) for r in requests]
+        gates = fit_gates(source, [
+            (Weighting(out, objective, [rows for rows, _ in own], r.rows["val"],
+                       r.seed * 100 + 50, _affine(base[GATE], scaling[GATE])), own)
+            for r, out, objective, own, scaling in zip(requests, stacked, objectives, jobs,
+                                                      scalings, strict=True)],
+            config, settings, params.batch_size, device)
+        generated = _weight_generators(source, requests, stacked, objectives, base, scalings,
+                                       params)
+    finally:
+        source.scaling = saved
+    return [Prefit(scaling, {job_key(job): fit for job, fit in zip(own, fitted, strict=True)},
+                   generated.get(i))
+            for i, (scaling, own, fitted) in enumerate(zip(scalings, jobs, gates, strict=True))]
+
+
+def _weight_generators(source: FeatureSource, requests: list[SplitRequest],
+                       stacked: list[np.ndarray], objectives: list[Objective], base: dict,
+                       scalings: list[dict], params: FitParams) -> dict[int, dict]:
+    """EnECG's sample-aware weight generator for each split that fits the baselines: the
+    gate's network fed the experts' own features, fitted on out-of-fold outputs; its
+    mixtures on val and test, by request."""
+    names = list(params.backbones)
+    wanted = [i for i, r in enumerate(requests) if r.baselines]
+    if not wanted:
+        return {}
+
+    def joined(scaling: dict) -> tuple[np.ndarray, np.ndarray]:
+        return (np.concatenate([scaling[b][0] for b in names]),
+                np.concatenate([scaling[b][1] for b in names]))
+
+    def inputs(data: dict[str, np.ndarray]) -> np.ndarray:
+        return np.concatenate([data[b] for b in names], axis=1)
+
+    width = sum(source.dims()[b] for b in names)
+    banks = fit_weightings(width, inputs, names, source, [
+        Weighting(stacked[i], objectives[i], [requests[i].rows["train"]],
+                  requests[i].rows["val"], requests[i].seed * 100 + 60,
+                  _affine(joined(base), joined(scalings[i]))) for i in wanted],
+        _model_config(params), device=resolve_device(params.device), **_gate_settings(params))
+    return {i: {s: apply_weightings(banks, inputs, names, source, stacked[i],
+                                    requests[i].rows[s], objectives[i].classification,
+                                    params.batch_size, slice(m, m + 1))[0][0]
+                for s in ("val", "test")} for m, i in enumerate(wanted)}
 
 
 def _rows_digest(rows: dict[str, np.ndarray]) -> str:
@@ -267,24 +374,28 @@ def head_memo(params: FitParams, cache_dir: Path) -> HeadMemo:
 def fit_split(task: Task, targets: Targets, source: FeatureSource, rows: dict[str, np.ndarray],
               subjects: np.ndarray, params: FitParams, seed: int, baselines: bool,
               memo: HeadMemo | None = None, fits: dict[str, ExpertFit] | None = None,
-              scaled_on: np.ndarray | None = None) -> SplitFit:
+              scaled_on: np.ndarray | None = None, prefit: Prefit | None = None) -> SplitFit:
     """Cross-fit every expert on ``rows['train']``, fit the gate on their out-of-fold
     outputs and, with ``baselines``, every other combiner; outputs on val and test.
 
     ``memo`` keeps cross-fitted experts across calls (``pipeline compare``: variants that
     differ only in their gate or expert list share the same heads, fitted once). ``fits``:
     cross-fitted experts given instead (a multi-task head's columns of this task), whose
-    features were scaled on ``scaled_on`` (default ``rows['train']``)."""
-    source.fit_scaling(rows["train"] if scaled_on is None else scaled_on)
+    features were scaled on ``scaled_on`` (default ``rows['train']``). ``prefit``: this
+    split's part of ``prefit_splits`` (fitted here when not given)."""
+    memo = memo if memo is not None else HeadMemo()
+    if fits is None:
+        fits = _task_heads(task, targets, source, [(seed, rows)], subjects, params, memo)[0]
+    if prefit is None:
+        prefit = prefit_splits(task, targets, source, [
+            SplitRequest(seed, rows, fits, scaled_on, baselines)], subjects, params)[0]
+    source.scaling = prefit.scaling
     objective, scale = _objective(task, targets, rows["train"], params)
     config = _model_config(params)
     names = list(params.backbones)
     dims = {b: source.dims()[b] for b in names}
     d_out = _d_out(task, targets)
     device = resolve_device(params.device)
-    memo = memo if memo is not None else HeadMemo()
-    if fits is None:
-        fits = _task_heads(task, targets, source, [(seed, rows)], subjects, params, memo)[0]
     stacked = np.stack([fits[b].outputs for b in names], axis=1)  # (N, E, k)
     raw = {b: {s: stacked[rows[s], i] for s in ("val", "test")} for i, b in enumerate(names)}
     probes = {}
@@ -299,7 +410,7 @@ def fit_split(task: Task, targets: Targets, source: FeatureSource, rows: dict[st
             source.scaling = scaling
     learners = Combiners(stacked, names, objective, source, rows["val"], config,
                          _gate_settings(params), seed * 100 + 50, params.batch_size,
-                         task.balance_classes, probes, device).learners
+                         task.balance_classes, probes, device, prefit.gates).learners
     losses: dict[str, float] = {}
     evaluated = [rows["val"], rows["test"]]
     fitted: dict = {}
@@ -328,8 +439,8 @@ def fit_split(task: Task, targets: Targets, source: FeatureSource, rows: dict[st
     gate_test = (gate.weights if gate is not None
                  else np.ones((len(rows["test"]), 1), dtype=np.float32))
     if baselines:
-        raw.update(_baselines(task, source, objective, stacked, rows, names, d_out, config,
-                              params, seed))
+        raw.update(_baselines(task, source, objective, stacked, rows, names, params,
+                              prefit.weight_generator))
         raw.update({PROBE + b: {s: probe.outputs[rows[s]] for s in ("val", "test")}
                     for b, probe in probes.items()})
     y = targets.y
@@ -368,14 +479,15 @@ def _gate_settings(params: FitParams) -> dict:
 
 
 def _baselines(task: Task, source: FeatureSource, objective: Objective, stacked: np.ndarray,
-               rows: dict[str, np.ndarray], names: list[str], d_out: int, config: ModelConfig,
-               params: FitParams, seed: int) -> dict[str, dict[str, np.ndarray]]:
+               rows: dict[str, np.ndarray], names: list[str], params: FitParams,
+               weight_generator: dict[str, np.ndarray] | None
+               ) -> dict[str, dict[str, np.ndarray]]:
     raw: dict[str, dict[str, np.ndarray]] = {}
     y = objective.y
     val, test = stacked[rows["val"]], stacked[rows["test"]]
     if source.in_memory and (len(names) == 1 or params.combiner != "select"):
         for b in names:  # (else cross-fitted as candidates of the combiner)
-            raw[PROBE + b] = linear_probe(b, source, objective, rows, d_out,
+            raw[PROBE + b] = linear_probe(b, source, objective, rows, stacked.shape[2],
                                           task.balance_classes)[1]
     if len(names) == 1:
         return raw
@@ -385,10 +497,8 @@ def _baselines(task: Task, source: FeatureSource, objective: Objective, stacked:
     if objective.classification:
         raw["confidence"] = {s: np.einsum("ne,nek->nk", confidence_weights(o), o)
                              for s, o in (("val", val), ("test", test))}
-    width = sum(source.dims()[b] for b in names)
-    raw["weight_generator"] = _weight_generator(
-        lambda data: np.concatenate([data[b] for b in names], axis=1), names, width,
-        stacked, source, objective, rows, config, params, seed * 100 + 60)
+    if weight_generator is not None:
+        raw["weight_generator"] = weight_generator
     return raw
 
 
@@ -500,25 +610,34 @@ def fit_task(task_name: str, params: FitParams, cohort_path: Path, cache_dir: Pa
                                                           seed)
              for seed in seeds_list}
     requests = [(seed, rows) for seed in seeds_list for rows in folds[seed]]
+    evaluating = len(requests)
     if not empty and mode == "cv":  # the saved model's, fitted on the fixed split
         requests += [(seed, fixed) for seed in seeds_list]
-    _task_heads(task, targets, source, requests, subjects, params,  # every head, one pass
-                memo)
+    experts = _task_heads(task, targets, source, requests, subjects, params,  # one pass
+                          memo)
+    planned = [SplitRequest(seed, rows, fits, None, baselines and i < evaluating)
+               for i, ((seed, rows), fits) in enumerate(zip(requests, experts, strict=True))]
+    prefits = iter(zip(planned, prefit_splits(task, targets, source, planned, subjects, params),
+                       strict=True))
+
+    def split_fit() -> SplitFit:
+        plan, ready = next(prefits)
+        return fit_split(task, targets, source, plan.rows, subjects, params, plan.seed,
+                         plan.baselines, memo, plan.fits, prefit=ready)
+
     per_seed: list[dict[str, _Pooled]] = []
     predictions, models, gate_means = [], {}, []
     choices: list[str] = []
     losses: list[dict[str, float]] = []
     final: SplitFit | None = None
+    fold_fits = {seed: [split_fit() for _ in folds[seed]] for seed in seeds_list}
     for seed in seeds_list:
-        fits = [fit_split(task, targets, source, rows, subjects, params, seed, baselines, memo)
-                for rows in folds[seed]]
+        fits = fold_fits[seed]
         per_seed.append(_pool(task, fits, [_trivial(task, targets, r) for r in folds[seed]],
                               evaluated))
         gate_means.append(np.concatenate([f.gate for f in fits]).mean(axis=0))
         predictions.append(_prediction_rows(task, targets, cohort, fits, seed))
-        final = fits[0] if mode == "split" else (
-            fit_split(task, targets, source, fixed, subjects, params, seed, False, memo)
-            if not empty else None)
+        final = fits[0] if mode == "split" else split_fit() if not empty else None
         if final is not None:
             models[seed] = {"model": final.model, "combiner": final.combiner,
                             "threshold": final.methods[ENSEMBLE].threshold}

@@ -25,6 +25,7 @@ import torch
 from stages.fit.combine import (
     Linear,
     Stacker,
+    Weighting,
     apply_weightings,
     fit_weightings,
     fixed_mixture,
@@ -33,6 +34,7 @@ from stages.fit.combine import (
 )
 from stages.fit.crossfit import ProbeFit, group_folds
 from stages.fit.features import GATE, FeatureSource
+from stages.fit.head_store import array_digest
 from stages.fit.model import Gate, ModelConfig
 from stages.fit.train import Objective
 
@@ -55,6 +57,12 @@ Job = tuple[np.ndarray, Sequence[np.ndarray]]  # (rows to fit on, row sets to ou
 Learner = Callable[[Sequence[Job]], list[Fitted]]
 
 
+def job_key(job: Job) -> str:
+    """A job's rows and the row sets it outputs, as a key (``Combiners.prefit``)."""
+    rows, targets = job
+    return array_digest(rows, *targets)
+
+
 def _each(learn: Callable[[np.ndarray, Sequence[np.ndarray]], Fitted]) -> Learner:
     """A learner whose fits are cheap and independent: one after the other."""
     return lambda jobs: [learn(rows, targets) for rows, targets in jobs]
@@ -64,7 +72,8 @@ def _each(learn: Callable[[np.ndarray, Sequence[np.ndarray]], Fitted]) -> Learne
 class Combiners:
     """Every candidate combiner over ``stacked`` (N, E, k): expert outputs indexed by cohort
     row, out-of-fold on the training rows. A learner fits a list of jobs at once, so the
-    gate's fits (one per selection fold, and the one kept) train as one bank."""
+    gate's fits (one per selection fold, and the one kept) train as one bank; ``prefit``
+    holds gates already fitted (``fit_gates``, with other splits' gates), by ``job_key``."""
 
     stacked: np.ndarray
     experts: list[str]
@@ -78,6 +87,7 @@ class Combiners:
     balanced: bool = False
     probes: dict[str, ProbeFit] = field(default_factory=dict)  # cross-fitted, by expert
     device: torch.device | str = "cpu"
+    prefit: dict[str, Fitted] = field(default_factory=dict)
     learners: dict[str, Learner] = field(init=False)
 
     def __post_init__(self) -> None:
@@ -136,19 +146,41 @@ class Combiners:
                 for stacker, (_, targets) in zip(stackers, jobs, strict=True)]
 
     def _gate(self, jobs: Sequence[Job]) -> list[Fitted]:
-        banks = fit_weightings(self.source.dims()[GATE], _gate_input, [GATE], self.source,
-                               self.stacked, self.objective, [rows for rows, _ in jobs],
-                               self.val_rows, self.config, self.seed, device=self.device,
-                               **self.gate_fit)
-        fitted = []
-        for m, (_, targets) in enumerate(jobs):
-            out = [apply_weightings(banks, _gate_input, [GATE], self.source, self.stacked, r,
-                                    self.objective.classification, self.batch_size)
-                   for r in targets]
-            fitted.append(Fitted({"name": GATE_NAME}, [o[0][m] for o in out],
-                                 banks.banks["weights"].cpu().export(m)
-                                 if m == len(jobs) - 1 else None, out[-1][1][m]))
-        return fitted
+        keys = [job_key(job) for job in jobs]
+        if all(key in self.prefit for key in keys):
+            return [self.prefit[key] for key in keys]
+        weighting = Weighting(self.stacked, self.objective, [rows for rows, _ in jobs],
+                              self.val_rows, self.seed)
+        return fit_gates(self.source, [(weighting, jobs)], self.config, self.gate_fit,
+                         self.batch_size, self.device)[0]
+
+
+def fit_gates(source: FeatureSource, requests: list[tuple[Weighting, Sequence[Job]]],
+              config: ModelConfig, settings: dict, batch_size: int,
+              device: torch.device | str) -> list[list[Fitted]]:
+    """The MoE gates of several splits (each a ``Weighting`` of its jobs' rows, and the
+    jobs), trained as one bank (``fit_weightings``): per split, a ``Fitted`` per job, the
+    last with its network and its weights on its last row set (the kept gate)."""
+    banks = fit_weightings(source.dims()[GATE], _gate_input, [GATE], source,
+                           [weighting for weighting, _ in requests], config, device=device,
+                           **settings)
+    applied, start = [], 0
+    for weighting, jobs in requests:
+        applied.append([[apply_weightings(banks, _gate_input, [GATE], source,
+                                          weighting.outputs, r,
+                                          weighting.objective.classification, batch_size,
+                                          slice(start + m, start + m + 1))
+                         for r in targets] for m, (_, targets) in enumerate(jobs)])
+        start += len(jobs)
+    bank = banks.banks["weights"].cpu()
+    out, start = [], 0
+    for (_, jobs), per_job in zip(requests, applied, strict=True):
+        last = len(jobs) - 1
+        out.append([Fitted({"name": GATE_NAME}, [mixtures[0] for mixtures, _ in sets],
+                           bank.export(start + m) if m == last else None, sets[-1][1][0])
+                    for m, sets in enumerate(per_job)])
+        start += len(jobs)
+    return out
 
 
 def _gate_input(data: dict[str, np.ndarray]) -> np.ndarray:
@@ -162,12 +194,7 @@ def cross_validated_losses(learners: dict[str, Learner], train_rows: np.ndarray,
     """Each learner's training loss per row on subject folds of ``train_rows`` it was not
     fitted on, and those rows (folds with no rows left to fit on are skipped); with
     ``also``, one more job per named learner fitted in the same call (the gate kept)."""
-    fold_of = group_folds(subjects[train_rows], folds, seed)
-    jobs: list[Job] = []
-    for fold in range(fold_of.max() + 1):
-        held, fit_rows = train_rows[fold_of == fold], train_rows[fold_of != fold]
-        if len(fit_rows):
-            jobs.append((fit_rows, [held]))
+    jobs = selection_jobs(train_rows, subjects, folds, seed)
     rows = np.concatenate([targets[0] for _, targets in jobs])
     y = objective.y[rows]
     losses, extra = {}, {}
@@ -179,6 +206,19 @@ def cross_validated_losses(learners: dict[str, Learner], train_rows: np.ndarray,
         if more:
             extra[name] = fitted[-1]
     return losses, rows, extra
+
+
+def selection_jobs(train_rows: np.ndarray, subjects: np.ndarray, folds: int, seed: int
+                   ) -> list[Job]:
+    """The fits ``cross_validated_losses`` scores a learner by: on ``train_rows`` without
+    one subject fold, output on that fold."""
+    fold_of = group_folds(subjects[train_rows], folds, seed)
+    jobs: list[Job] = []
+    for fold in range(fold_of.max() + 1):
+        held, fit_rows = train_rows[fold_of == fold], train_rows[fold_of != fold]
+        if len(fit_rows):
+            jobs.append((fit_rows, [held]))
+    return jobs
 
 
 def choose(losses: dict[str, np.ndarray], subjects: np.ndarray, default: str,
