@@ -174,13 +174,13 @@ def test_ridge_by_one_eigendecomposition_equals_ridgecv(n, p):
     assert intercept == pytest.approx(reference.intercept_, abs=1e-8)
 
 
-def test_sparse_median_fits_solved_together_match_the_linear_program():
+@pytest.mark.parametrize("n,d", [(600, 6), (40, 100)])  # tall, and wider than long
+def test_sparse_median_fits_solved_together_match_the_linear_program(n, d):
     from sklearn.linear_model import QuantileRegressor
 
     from stages.fit.probes import median_lasso
 
     rng = np.random.default_rng(0)
-    n, d = 600, 6
     y = rng.normal(size=n)
     wrong = np.where(rng.random((n, d)) < 0.1, rng.normal(0, 2, (n, d)), 0.0)
     noise = np.r_[0.01, np.full(d - 1, 0.3)]
@@ -198,4 +198,5 @@ def test_sparse_median_fits_solved_together_match_the_linear_program():
             return 0.5 * np.abs(y[m] - x[m] @ c - i).mean() + a * np.abs(c).sum()
         best = objective(exact.coef_, exact.intercept_)
         assert objective(coef, intercept) - best < 1e-3 * best  # within 0.1 % of the optimum
-        np.testing.assert_allclose(coef, exact.coef_, atol=1e-3)
+        if d < n:  # wider than long, near-optimal coefficients are many: the objective counts
+            np.testing.assert_allclose(coef, exact.coef_, atol=1e-3)
