@@ -187,7 +187,7 @@ class HeadBank(_Stacked):
                 down = down + torch.einsum("bd,mdk->mbk", keep - 1, shift[..., None] * a)
         else:
             down = self._project(x, a, members)
-        return torch.baddbmm(base, down, lora_b, alpha=self.scale)  # one pass over (M', B, h)
+        return base.baddbmm_(down, lora_b, alpha=self.scale)  # in place: no copy of (M', B, h)
 
     def forward(self, x: torch.Tensor, members: torch.Tensor | None = None,
                 rows: torch.Tensor | None = None) -> torch.Tensor:
