@@ -96,9 +96,10 @@ def sparse_fits(n: int, d: int) -> bool:
     The sparse fit earns its place where one of a few features measures the target (the
     rhythm expert's mean RR): on the 50 real records (5-fold CV, a few dozen ECGs per
     head, so the inner fits are wider than tall) the ensemble's RR MAE was 0.006 ms with
-    it and 1.08 ms with the clipped ridge alone. On wide experts it bought nothing measurable and cost
-    a linear program per fit: DLinear's 384 features on a cross-validated 200-ECG cohort
-    took 30 of the 54 s of `rr`'s heads, for the same MAE (5.945 ms either way)."""
+    it and 1.08 ms with the clipped ridge alone. On wide experts it bought nothing
+    measurable and cost a linear program per fit: DLinear's 384 features on a
+    cross-validated 200-ECG cohort took 30 of the 54 s of `rr`'s heads, for the same MAE
+    (5.945 ms either way)."""
     return n >= 2 * SELECT_FOLDS and n * d <= LAD_MAX_CELLS and d <= SPARSE_MAX_FEATURES
 
 
