@@ -202,8 +202,9 @@ def _affine(base: tuple[np.ndarray, np.ndarray], own: tuple[np.ndarray, np.ndarr
     return None if same else input_affine(base, own)
 
 
-def prefit_splits(task: Task, targets: Targets, source: FeatureSource, requests: list[SplitRequest],
-           subjects: np.ndarray, params: FitParams) -> list[Prefit]:
+def prefit_splits(task: Task, targets: Targets, source: FeatureSource,
+                  requests: list[SplitRequest], subjects: np.ndarray, params: FitParams
+                  ) -> list[Prefit]:
     """The gates and weight generators of every split of a task (its seeds and the folds
     of cross-validation), each kind trained as one bank: alone, each was a few hundred
     steps of a network too small to keep the cores busy, and a cross-validated fit has
