@@ -1,3 +1,4 @@
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -38,3 +39,17 @@ def test_classes_come_from_train_only_and_the_rest_is_other():
     assert mapped.tolist()[:10] == ["A"] * 5 + ["B"] * 3 + [OTHER] * 2
     assert set(mapped.iloc[10:19]) == {OTHER}
     assert mapped.isna().tolist()[-1]
+
+
+def test_a_metric_undefined_on_the_rows_is_none_without_a_warning():
+    """A test split (or fold) with one class has no AUROC: scikit-learn warns and returns
+    NaN; the metrics file says null and the user's log stays clean."""
+    import warnings
+
+    from stages.fit.tasks import TASKS, score
+
+    y = np.zeros(20, dtype=np.int64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        metrics = score(TASKS["sex"], y, np.zeros(20, dtype=np.int64), np.linspace(0, 1, 20))
+    assert metrics["auroc"] is None and metrics["f1"] == 0.0

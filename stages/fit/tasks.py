@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 from sklearn import metrics as skm
+from sklearn.exceptions import UndefinedMetricWarning
 
 
 @dataclass(frozen=True)
@@ -76,9 +77,13 @@ def best_f1_threshold(y: np.ndarray, score: np.ndarray) -> float:
 
 
 def _safe(fn, *args, **kwargs) -> float | None:
+    """A metric, or None where it is undefined (AUROC or R² with one class or one value
+    present: scikit-learn raises, or warns and returns NaN, by version)."""
     try:
-        value = float(fn(*args, **kwargs))
-    except ValueError:  # e.g. AUROC with one class present
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UndefinedMetricWarning)
+            value = float(fn(*args, **kwargs))
+    except ValueError:
         return None
     return None if np.isnan(value) else value
 
