@@ -109,7 +109,7 @@ def test_a_copied_bundle_predicts_new_ecgs_without_the_training_data(trained_pro
     assert len(preds) == 11 and not (elsewhere / "models").exists()
     for task in TASKS:
         assert preds[task].notna().all()
-    assert np.allclose(preds.filter(like="rr_gate_").sum(1), 1.0, atol=1e-5)
+    assert np.allclose(preds.filter(like="rr_gate_").sum(axis=1), 1.0, atol=1e-5)
     assert (elsewhere / "cache" / "predict").is_dir()  # work stays beside the caller
 
 
