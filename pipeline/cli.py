@@ -187,6 +187,9 @@ def fit_ensemble(
     device: Annotated[str | None, typer.Option(help="auto | cpu | cuda[:N] (default: params "
                                                "fit.device; auto picks a GPU when present)."
                                                )] = None,
+    bf16: Annotated[bool | None, typer.Option(
+        "--bf16/--no-bf16", help="bf16 autocast for the heads and gates (default: params "
+        "fit.bf16); for a GPU, it gained little on a CPU.")] = None,
     params: ParamsOption = Path("params.yaml"),
 ) -> None:
     """Train the experts' LoRA heads and the MoE gate for one task from cached features.
@@ -220,6 +223,8 @@ def fit_ensemble(
         fit.adapter = adapter
     if device is not None:
         fit.device = device
+    if bf16 is not None:
+        fit.bf16 = bf16
     try:
         resolve_device(fit.device)
     except RuntimeError as err:

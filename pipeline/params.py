@@ -110,6 +110,7 @@ class FitParams:
     patience: int = 15
     max_memory_gb: float = 4.0
     device: str = "auto"
+    bf16: bool = False
     head_store: bool = True
     evaluation: str = "auto"
     cv_folds: int = 5

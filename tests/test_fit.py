@@ -178,6 +178,19 @@ def test_streaming_features_give_a_working_model(fake):
         0.5 * metrics["methods"]["mean_predictor"]["mae"]["mean"]
 
 
+def test_bf16_heads_and_gates_learn_what_float32_ones_learn(fake):
+    """``fit.bf16`` runs the banks' products under bf16 autocast (weights, optimiser and
+    losses in float32): the fit still learns, within a few percent of float32's."""
+    root, _ = fake
+    fits = {bf16: fit_task("rr", _params(seeds=1, bf16=bf16), root / "cohort.parquet",
+                           root / "cache").metrics for bf16 in (False, True)}
+    mae = {bf16: m["methods"]["ensemble"]["mae"]["mean"] for bf16, m in fits.items()}
+    assert mae[True] != mae[False]  # it did run in another precision
+    assert abs(mae[True] - mae[False]) < 0.1 * mae[False]
+    assert mae[True] < 0.5 * fits[True]["methods"]["mean_predictor"]["mae"]["mean"]
+    assert fits[True]["settings"]["bf16"] and not fits[False]["settings"]["bf16"]
+
+
 def test_lora_trainable_set_is_what_the_config_says():
     lora = Ensemble({"a": 8, "b": 4}, 6, 3, True, ModelConfig(hidden=16, adapter="lora"))
     trainable = lora.trainable()

@@ -187,7 +187,8 @@ class HeadBank(_Stacked):
                 down = down + torch.einsum("bd,mdk->mbk", keep - 1, shift[..., None] * a)
         else:
             down = self._project(x, a, members)
-        return base.baddbmm_(down, lora_b, alpha=self.scale)  # in place: no copy of (M', B, h)
+        # in place: no copy of (M', B, h); operands in base's type (bf16 under autocast)
+        return base.baddbmm_(down.to(base.dtype), lora_b.to(base.dtype), alpha=self.scale)
 
     def forward(self, x: torch.Tensor, members: torch.Tensor | None = None,
                 rows: torch.Tensor | None = None) -> torch.Tensor:
@@ -273,11 +274,15 @@ class GateBank(_Stacked):
 
 class Banks(nn.Module):
     """Banks over different inputs trained in one pass (each expert's heads read its own
-    features): their members side by side, in order, along one member axis."""
+    features): their members side by side, in order, along one member axis.
 
-    def __init__(self, banks: dict[str, nn.Module]):
+    With ``bf16`` the products run under bf16 autocast (weights, optimiser state and
+    losses stay float32; outputs come back as float32)."""
+
+    def __init__(self, banks: dict[str, nn.Module], bf16: bool = False):
         super().__init__()
         self.banks = nn.ModuleDict(banks)
+        self.bf16 = bf16
 
     @property
     def n_members(self) -> int:
@@ -294,6 +299,13 @@ class Banks(nn.Module):
                 rows: torch.Tensor | None = None) -> torch.Tensor:
         """Outputs of every member, or of ``members`` (sorted indices on the shared axis);
         ``rows``: the batch's cohort rows."""
+        if not self.bf16:
+            return self._outputs(x, members, rows)
+        with torch.autocast(next(iter(x.values())).device.type, dtype=torch.bfloat16):
+            return self._outputs(x, members, rows).float()
+
+    def _outputs(self, x: dict[str, torch.Tensor], members: torch.Tensor | None,
+                 rows: torch.Tensor | None) -> torch.Tensor:
         if members is None:
             return torch.cat([bank(x[name], None, rows) for name, bank in self.banks.items()],
                              dim=0)

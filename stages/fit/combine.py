@@ -97,7 +97,7 @@ def _reader(inputs: Inputs, reads: list[str], source: FeatureSource, device: tor
 def fit_weightings(d_in: int, inputs: Inputs, reads: list[str], source: FeatureSource,
                    weightings: list[Weighting], config: ModelConfig, *, lr: float,
                    weight_decay: float, batch_size: int, max_epochs: int, patience: int,
-                   prior: float, expected: bool = False,
+                   prior: float, expected: bool = False, bf16: bool = False,
                    device: torch.device | str = "cpu") -> Banks:
     """Weighting networks, one per row set of each ``Weighting``, trained so Σ w(x)·outputs[x]
     fits its target (early stopping on its validation rows), as members of one bank in
@@ -118,7 +118,7 @@ def fit_weightings(d_in: int, inputs: Inputs, reads: list[str], source: FeatureS
         identity = (np.ones(d_in, dtype=np.float32), np.zeros(d_in, dtype=np.float32))
         affine = [w.affine or identity for w in weightings for _ in w.train_sets]
         bank.set_input_scaling(np.stack([a for a, _ in affine]), np.stack([c for _, c in affine]))
-    banks = Banks({"weights": bank}).to(device)
+    banks = Banks({"weights": bank}, bf16=bf16).to(device)
     criterion = _weighting_criterion(weightings, torch.tensor(groups, device=device),
                                      first.shape[1], expected, prior, device)
     train_banks(banks, _reader(inputs, reads, source, device), criterion,

@@ -99,7 +99,8 @@ def cross_fit(jobs: list[Job], splits: list[Split], source: FeatureSource,
     dims = source.dims()
     banks = Banks({b: HeadBank(dims[b], d_out, config, [
         job[1] * 1000 + (m if m < len(members[job]) - 1 else 999)
-        for job in by_expert[b] for m in range(len(members[job]))]) for b in names})
+        for job in by_expert[b] for m in range(len(members[job]))]) for b in names},
+        bf16=params.bf16)
     order = [job for b in names for job in by_expert[b]]  # the members' order in ``banks``
     fitted = [f for job in order for f, _ in members[job]]
     groups = np.array([job[2] for job in order for _ in members[job]])

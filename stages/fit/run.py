@@ -286,7 +286,7 @@ def _head_key(task: str, targets: str, fingerprint: dict, name: str, seed: int,
                     params.inputs.get(name, "features"), params.hidden, params.adapter,
                     params.lora_r, params.lora_alpha, params.lora_dropout, params.head_skip,
                     params.loss, params.lr, params.weight_decay, params.batch_size,
-                    params.max_epochs, params.patience, params.oof_folds)
+                    params.max_epochs, params.patience, params.oof_folds, params.bf16)
 
 
 # The heads' batches are shuffled with this seed over the union of their members' rows (the
@@ -476,7 +476,7 @@ def _gate_settings(params: FitParams) -> dict:
     return {"lr": params.gate_lr, "weight_decay": params.weight_decay,
             "batch_size": params.batch_size, "max_epochs": params.max_epochs,
             "patience": params.patience, "prior": params.gate_prior,
-            "expected": params.gate_loss == "expected"}
+            "expected": params.gate_loss == "expected", "bf16": params.bf16}
 
 
 def _baselines(task: Task, source: FeatureSource, objective: Objective, stacked: np.ndarray,
