@@ -158,12 +158,11 @@ def _evaluate(name: str, encoded: Targets, columns: slice, source: FeatureSource
     ready = iter(zip(planned, prefit_splits(task, encoded, source, planned, subjects, params),
                      strict=True))
     for rows_list in folds.values():
-        fits, trivial = [], []
-        for plan, prefit in (next(ready) for _ in rows_list):
-            fits.append(fit_split(task, encoded, source, plan.rows, subjects, params,
-                                  plan.seed, False, fits=plan.fits, scaled_on=plan.scaled_on,
-                                  prefit=prefit))
-            trivial.append(_trivial(task, encoded, plan.rows))
+        plans = [next(ready) for _ in rows_list]
+        fits = [fit_split(task, encoded, source, plan.rows, subjects, params, plan.seed, False,
+                          fits=plan.fits, scaled_on=plan.scaled_on, prefit=prefit)
+                for plan, prefit in plans]
+        trivial = [_trivial(task, encoded, plan.rows) for plan, _ in plans]
         per_seed.append(_pool(task, fits, trivial, evaluated))
         choices.extend(fit.combiner["name"] for fit in fits)
     y = encoded.y[evaluated]

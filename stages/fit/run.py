@@ -381,7 +381,8 @@ def fit_split(task: Task, targets: Targets, source: FeatureSource, rows: dict[st
 
     ``memo`` keeps cross-fitted experts across calls (``pipeline compare``: variants that
     differ only in their gate or expert list share the same heads, fitted once). ``fits``:
-    cross-fitted experts given instead (a multi-task head's columns of this task), whose
+    cross-fitted experts given instead (from ``fit_task``'s one pass, or a multi-task
+    head's columns of this task), whose
     features were scaled on ``scaled_on`` (default ``rows['train']``). ``prefit``: this
     split's part of ``prefit_splits`` (fitted here when not given)."""
     memo = memo if memo is not None else HeadMemo()
@@ -618,27 +619,24 @@ def fit_task(task_name: str, params: FitParams, cohort_path: Path, cache_dir: Pa
                           memo)
     planned = [SplitRequest(seed, rows, fits, None, baselines and i < evaluating)
                for i, ((seed, rows), fits) in enumerate(zip(requests, experts, strict=True))]
-    prefits = iter(zip(planned, prefit_splits(task, targets, source, planned, subjects, params),
-                       strict=True))
-
-    def split_fit() -> SplitFit:
-        plan, ready = next(prefits)
-        return fit_split(task, targets, source, plan.rows, subjects, params, plan.seed,
-                         plan.baselines, memo, plan.fits, prefit=ready)
-
+    fitted = iter([fit_split(task, targets, source, plan.rows, subjects, params, plan.seed,
+                             plan.baselines, memo, plan.fits, prefit=ready)
+                   for plan, ready in zip(planned, prefit_splits(
+                       task, targets, source, planned, subjects, params), strict=True)])
+    fold_fits = {seed: [next(fitted) for _ in folds[seed]] for seed in seeds_list}
+    finals = {seed: next(fitted) for seed in seeds_list} if len(requests) > evaluating else {}
     per_seed: list[dict[str, _Pooled]] = []
     predictions, models, gate_means = [], {}, []
     choices: list[str] = []
     losses: list[dict[str, float]] = []
     final: SplitFit | None = None
-    fold_fits = {seed: [split_fit() for _ in folds[seed]] for seed in seeds_list}
     for seed in seeds_list:
         fits = fold_fits[seed]
         per_seed.append(_pool(task, fits, [_trivial(task, targets, r) for r in folds[seed]],
                               evaluated))
         gate_means.append(np.concatenate([f.gate for f in fits]).mean(axis=0))
         predictions.append(_prediction_rows(task, targets, cohort, fits, seed))
-        final = fits[0] if mode == "split" else split_fit() if not empty else None
+        final = fits[0] if mode == "split" else finals.get(seed)
         if final is not None:
             models[seed] = {"model": final.model, "combiner": final.combiner,
                             "threshold": final.methods[ENSEMBLE].threshold}
