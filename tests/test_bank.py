@@ -182,7 +182,7 @@ def test_lora_members_keep_their_hidden_weights_frozen():
                 [np.arange(150, 200)] * 2, lr=1e-2, weight_decay=0.0, batch_size=32,
                 max_epochs=5, patience=5, seed=0)
     assert torch.equal(bank.fixed, frozen)  # w1, b1, w2, b2
-    trained = {n for n, (trainable, _, _) in bank.layout.items() if trainable}
+    trained = {n for n, (trainable, _) in bank.layout.items() if trainable}
     assert trained == {"w3", "b3", "a1", "l1", "a2", "l2", "ws", "bs"}
     assert bank.weight("l1").abs().sum() > 0  # the update learnt
 

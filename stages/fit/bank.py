@@ -70,14 +70,11 @@ class _Stacked(nn.Module):
 
     def __init__(self, per_member: list[dict[str, torch.Tensor]], frozen: set[str]):
         super().__init__()
-        self.layout: dict[str, tuple[bool, int, tuple[int, ...]]] = {}
-        offsets = {True: 0, False: 0}
-        for name, value in per_member[0].items():
-            trainable = name not in frozen
-            self.layout[name] = (trainable, offsets[trainable], tuple(value.shape))
-            offsets[trainable] += value.numel()
+        self.layout = {name: (name not in frozen, tuple(value.shape))  # in storage order
+                       for name, value in per_member[0].items()}
+
         def flat(trainable: bool) -> torch.Tensor:
-            names = [n for n, (t, _, _) in self.layout.items() if t == trainable]
+            names = self._names(trainable)
             return torch.stack([torch.cat([m[n].reshape(-1) for n in names])
                                 if names else torch.zeros(0) for m in per_member])
 
@@ -90,14 +87,22 @@ class _Stacked(nn.Module):
     def n_members(self) -> int:
         return int(self.flat.shape[0])
 
+    def _names(self, trainable: bool) -> list[str]:
+        return [n for n, (t, _) in self.layout.items() if t == trainable]
+
     def weights(self, members: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-        flat, fixed = ((self.flat, self.fixed) if members is None
-                       else (self.flat[members], self.fixed[members]))
+        """Each weight as a view (members, *shape). The storage is split in one operation:
+        a slice per weight made backward write a zero gradient of the whole storage per
+        weight (fill, copy, sum), half of a small network's step."""
         out = {}
-        for name, (trainable, offset, shape) in self.layout.items():
-            storage = flat if trainable else fixed
-            size = math.prod(shape)
-            out[name] = storage[:, offset: offset + size].view(len(storage), *shape)
+        for trainable, storage in ((True, self.flat), (False, self.fixed)):
+            names = self._names(trainable)
+            if not names:
+                continue
+            storage = storage if members is None else storage[members]
+            sizes = [math.prod(self.layout[n][1]) for n in names]
+            for name, part in zip(names, storage.split(sizes, dim=1), strict=True):
+                out[name] = part.view(len(storage), *self.layout[name][1])
         return out
 
     def weight(self, name: str) -> torch.Tensor:
