@@ -192,6 +192,30 @@ def test_group_folds_and_cross_validation_keep_subjects_apart():
     assert sorted(tested) == labelled.tolist()  # every labelled ECG predicted exactly once
 
 
+def test_stratified_folds_give_a_rare_class_to_every_validation_set():
+    """6 positive subjects of 88 (the 200-ECG cohort's potassium labels): unstratified,
+    some validation sets had none, and their heads trained to the epoch limit."""
+    rng = np.random.default_rng(4)
+    subjects = rng.integers(0, 88, 200).astype(str)
+    positive = np.isin(subjects, np.unique(subjects)[:6])
+    y = positive.astype(np.int64)
+    labelled = np.arange(200)
+    for seed in range(3):
+        folds = group_folds(subjects, 5, seed, strata=y)
+        for s in np.unique(subjects):
+            assert len(set(folds[subjects == s])) == 1
+        assert all(positive[folds == f].any() for f in range(5))
+        sizes = np.bincount(folds)
+        assert sizes.max() - sizes.min() <= 2 * np.bincount(
+            np.unique(subjects, return_inverse=True)[1]).max()
+        for rows in cv_rows(labelled, subjects, 5, seed, strata=y):
+            assert y[rows["test"]].any()
+            assert y[rows["val"]].any()  # the pool's 5-6 positive subjects, one per fold
+    unstratified = [[y[r["val"]].any() for r in cv_rows(labelled, subjects, 5, seed)]
+                    for seed in range(3)]
+    assert not all(map(all, unstratified))  # what stratifying changes
+
+
 def test_cross_validated_fit_predicts_every_labelled_ecg_once_per_seed(noisy):
     root, _, _ = noisy
     result = fit_task("rr", _params(seeds=2, backbones=["measure", "noise0"]),

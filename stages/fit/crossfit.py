@@ -32,20 +32,35 @@ from stages.fit.probes import robust_linear
 from stages.fit.train import JointObjective, Objective, activate, heads_criterion, linear_targets
 
 
-def group_folds(groups: np.ndarray, k: int, seed: int) -> np.ndarray:
+def group_folds(groups: np.ndarray, k: int, seed: int, strata: np.ndarray | None = None
+                ) -> np.ndarray:
     """A fold index per row, every subject in exactly one fold, folds of similar size.
 
     Subjects are dealt largest first (ties in a seeded random order) to the fold with the
-    fewest rows so far.
+    fewest rows so far. With ``strata`` (a class per row) a subject counts as its rarest
+    class, subjects of rarer classes are dealt first, and each goes to the fold holding
+    fewest of its class (then fewest rows): a rare class reaches as many folds as it has
+    subjects. Early stopping on a validation fold without positives rewards a head for
+    predicting the negative class ever more surely, and it trained to the epoch limit.
     """
     subjects, inverse, counts = np.unique(groups, return_inverse=True, return_counts=True)
     k = max(1, min(k, len(subjects)))
     order = np.random.default_rng(seed).permutation(len(subjects))
     order = order[np.argsort(-counts[order], kind="stable")]
+    stratum = np.zeros(len(subjects), dtype=np.int64)
+    if strata is not None:
+        _, coded, frequency = np.unique(strata, return_inverse=True, return_counts=True)
+        rank = np.argsort(np.argsort(frequency, kind="stable"), kind="stable")  # 0: rarest
+        stratum[:] = len(frequency)
+        np.minimum.at(stratum, inverse, rank[coded])
+        order = order[np.argsort(stratum[order], kind="stable")]
     sizes, fold_of = np.zeros(k, dtype=np.int64), np.empty(len(subjects), dtype=np.int64)
+    held = np.zeros((k, stratum.max() + 1), dtype=np.int64)
     for s in order:
-        fold_of[s] = int(np.argmin(sizes))
+        fold_of[s] = (int(np.argmin(sizes)) if strata is None
+                      else int(np.lexsort((sizes, held[:, stratum[s]]))[0]))
         sizes[fold_of[s]] += counts[s]
+        held[fold_of[s], stratum[s]] += 1
     return fold_of[inverse]
 
 

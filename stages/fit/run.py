@@ -538,18 +538,25 @@ def evaluation_mode(params: FitParams, n_labelled: int) -> str:
     return "cv" if n_labelled <= params.cv_max_ecgs else "split"
 
 
-def cv_rows(labelled: np.ndarray, subjects: np.ndarray, k: int, seed: int
-            ) -> list[dict[str, np.ndarray]]:
+def cv_rows(labelled: np.ndarray, subjects: np.ndarray, k: int, seed: int,
+            strata: np.ndarray | None = None) -> list[dict[str, np.ndarray]]:
     """K subject-grouped folds over ``labelled`` rows; each fold's training subjects lose
-    a subject-grouped ``VAL_FRACTION`` to validation."""
-    folds = group_folds(subjects[labelled], k, seed)
+    a subject-grouped ``VAL_FRACTION`` to validation. ``strata`` (a class per cohort row,
+    for classification) spreads each class over the test folds and the validation sets."""
+    def of(rows: np.ndarray) -> np.ndarray | None:
+        return None if strata is None else strata[rows]
+
+    folds = group_folds(subjects[labelled], k, seed, of(labelled))
     out = []
     for fold in range(folds.max() + 1):
         pool = labelled[folds != fold]
-        inner = group_folds(subjects[pool], round(1 / VAL_FRACTION), seed + 7919 + fold)
+        inner = group_folds(subjects[pool], round(1 / VAL_FRACTION), seed + 7919 + fold,
+                            of(pool))
         out.append({"train": pool[inner != 0], "val": pool[inner == 0],
                     "test": labelled[folds == fold]})
     return out
+
+
 @dataclass
 class _Pooled:
     """One method's decisions (and binary scores) on the evaluated rows of one seed."""
@@ -608,8 +615,9 @@ def fit_task(task_name: str, params: FitParams, cohort_path: Path, cache_dir: Pa
     seeds_list = list(range(params.seeds if seeds is None else seeds))
     evaluated = fixed["test"] if mode == "split" else labelled
     memo = head_memo(params, cache_dir) if memo is None else memo
+    strata = None if task.kind == "regression" else targets.y
     folds = {seed: [fixed] if mode == "split" else cv_rows(labelled, subjects, params.cv_folds,
-                                                          seed)
+                                                          seed, strata)
              for seed in seeds_list}
     requests = [(seed, rows) for seed in seeds_list for rows in folds[seed]]
     evaluating = len(requests)
