@@ -416,6 +416,28 @@ def _start(x: np.ndarray, y: np.ndarray, fitted: np.ndarray, test: np.ndarray,
         return head(torch.from_numpy(x[test].astype(np.float32)))[0, :, 0].numpy()
 
 
+def test_linear_starts_fitted_together_are_the_ones_fitted_alone():
+    """A split's heads get their linear starts from one batched call; each is the start
+    ``robust_linear`` gives on the head's own rows, for tall (sparse fits batched), wide
+    (linear programs) and wide-expert (ridge only) members."""
+    from stages.fit.probes import robust_linear, robust_linears
+
+    rng = np.random.default_rng(3)
+    for n, d in ((150, 5), (150, 40), (150, 100)):
+        y = rng.normal(size=n)
+        x = y[:, None] * rng.uniform(0, 1, d) + rng.normal(size=(n, d))
+        x[rng.random(n) < 0.05, 0] += 5.0  # a few rows where the best feature is far off
+        subjects = rng.integers(0, 60, n).astype(str)
+        folds = np.arange(n) % 5
+        members = [np.flatnonzero(folds != f) for f in range(5)] + [np.arange(n)]
+        members.append(np.arange(0, n, 4))  # 38 rows: fewer than 40 and 100 features
+        together = robust_linears(x, y, subjects, members)
+        for rows, (coef, intercept) in zip(members, together, strict=True):
+            alone, icpt = robust_linear(x[rows], y[rows], subjects[rows])
+            np.testing.assert_allclose(coef, alone, atol=1e-4)
+            assert abs(intercept - icpt) < 1e-4
+
+
 def test_a_regression_head_starts_as_a_robust_fit_of_its_linear_path():
     """Gradient descent from 40 ECGs left a head far from the linear map a feature already
     gives; the head now starts there, and one grossly wrong label does not pull it away."""

@@ -28,7 +28,7 @@ from stages.fit.bank import (
 from stages.fit.combine import Linear
 from stages.fit.features import FeatureSource
 from stages.fit.model import ModelConfig
-from stages.fit.probes import robust_linear
+from stages.fit.probes import robust_linears
 from stages.fit.train import JointObjective, Objective, activate, heads_criterion, linear_targets
 
 
@@ -127,21 +127,7 @@ def cross_fit(jobs: list[Job], splits: list[Split], source: FeatureSource,
                                              np.stack([c for _, c in affine[b]]))
     objectives = [split.objective for split in splits]
     if config.skip and source.in_memory:
-        starts = {}  # (expert, split, output, rows) -> its linear map: a refit's rows recur
-        at_member = 0
-        for job in order:
-            name, _, index = job
-            a, c = affine[name][at_member - banks.offsets()[name]]
-            for column, y, labelled in linear_targets(objectives[index]):
-                for m, (rows_m, _) in enumerate(members[job]):
-                    rows_m = rows_m if labelled is None else rows_m[labelled[rows_m]]
-                    key = (name, index, column, rows_m.tobytes())
-                    if key not in starts:
-                        x = source.take(rows_m, [name])[name] * a + c
-                        starts[key] = robust_linear(x, y[rows_m], subjects[rows_m])
-                    banks.banks[name].set_skip(at_member + m - banks.offsets()[name],
-                                               *starts[key], column=column)
-            at_member += len(members[job])
+        _start_linear_paths(banks, order, members, splits, source, subjects)
     banks.to(device)
     reader = Reader(source, names, device)
     if reader.resident is not None:
@@ -164,6 +150,40 @@ def cross_fit(jobs: list[Job], splits: list[Split], source: FeatureSource,
         result[job] = ExpertFit(outputs, banks.banks[job[0]].export(last))
         start += len(members[job])
     return result
+
+
+def _start_linear_paths(banks: Banks, order: list[Job],
+                        members: dict[Job, list[tuple[np.ndarray, np.ndarray]]],
+                        splits: list[Split], source: FeatureSource, subjects: np.ndarray
+                        ) -> None:
+    """Start every regression output's linear path at ``robust_linears``' map of its
+    member's training rows, scaled as its split scales them. The members of one expert
+    and split (the folds of each seed, and the refit the seeds share) are fitted in one
+    call on the split's design."""
+    position, at = {}, dict.fromkeys(banks.banks, 0)  # (job, m) -> member of its bank
+    for job in order:
+        for m in range(len(members[job])):
+            position[job, m] = at[job[0]]
+            at[job[0]] += 1
+    for name, index in dict.fromkeys((job[0], job[2]) for job in order):
+        jobs = [job for job in order if job[0] == name and job[2] == index]
+        a, c = input_affine(source.scaling[name], splits[index].scaling[name])
+        for column, y, labelled in linear_targets(splits[index].objective):
+            sets = {}  # a refit's rows recur across seeds: fitted once
+            for job in jobs:
+                for rows, _ in members[job]:
+                    rows = rows if labelled is None else rows[labelled[rows]]
+                    sets.setdefault(rows.tobytes(), rows)
+            design = np.unique(np.concatenate(list(sets.values())))
+            x = source.take(design, [name])[name] * a + c
+            fits = dict(zip(sets, robust_linears(
+                x, y[design], subjects[design],
+                [np.searchsorted(design, rows) for rows in sets.values()]), strict=True))
+            for job in jobs:
+                for m, (rows, _) in enumerate(members[job]):
+                    rows = rows if labelled is None else rows[labelled[rows]]
+                    banks.banks[name].set_skip(position[job, m], *fits[rows.tobytes()],
+                                               column=column)
 
 
 @dataclass

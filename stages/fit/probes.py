@@ -64,16 +64,66 @@ def robust_linear(x: np.ndarray, y: np.ndarray, groups: np.ndarray | None = None
     worse for every expert and task but rr on rhythm, where the sparse fit beats both; and
     seconds per fit on wide embeddings.
     """
-    if not sparse_fits(*x.shape):
-        return _clipped_ridge(x, y)
-    folds = (GroupKFold(SELECT_FOLDS) if groups is not None
-             and len(np.unique(groups)) >= SELECT_FOLDS
-             else KFold(SELECT_FOLDS, shuffle=True, random_state=0))
-    splits = list(folds.split(x, y, groups))
-    masks = np.zeros((len(splits) * len(LAD_ALPHAS), len(y)), dtype=bool)
-    for k, (train, _) in enumerate(splits):
-        masks[k * len(LAD_ALPHAS): (k + 1) * len(LAD_ALPHAS), train] = True
-    coefs, intercepts = median_lasso(x, y, masks, np.tile(LAD_ALPHAS, len(splits)))
+    return robust_linears(x, y, groups, [np.arange(len(y))])[0]
+
+
+def robust_linears(x: np.ndarray, y: np.ndarray, groups: np.ndarray | None,
+                   members: list[np.ndarray]) -> list[tuple[np.ndarray, float]]:
+    """``robust_linear`` on each of several row subsets (``members``, sorted indices) of
+    one design: a split's cross-fitting heads. The sparse fits of the subsets taller than
+    wide are solved as one batch (``median_lasso``): they run to its iteration limit, and
+    nine problems per call spent that time on per-iteration overhead (9 of a
+    cross-validated 200-ECG ``rr`` fit's 26 s of heads)."""
+    d = x.shape[1]
+    fits: list[tuple[np.ndarray, float] | None] = [None] * len(members)
+    tall, plans = [], []  # a sparse member's inner (train, held) splits, as design rows
+    masks, alphas = [], []
+    for i, rows in enumerate(members):
+        if not sparse_fits(len(rows), d):
+            fits[i] = _clipped_ridge(x[rows], y[rows])
+            continue
+        g = None if groups is None else groups[rows]
+        folds = (GroupKFold(SELECT_FOLDS) if g is not None
+                 and len(np.unique(g)) >= SELECT_FOLDS
+                 else KFold(SELECT_FOLDS, shuffle=True, random_state=0))
+        splits = [(rows[a], rows[b]) for a, b in folds.split(x[rows], y[rows], g)]
+        if len(rows) <= d:  # wide: the linear programs, on the member's own rows
+            fits[i] = _sparse_or_ridge(x[rows], y[rows], [
+                (np.searchsorted(rows, a), np.searchsorted(rows, b)) for a, b in splits])
+            continue
+        tall.append(i)
+        plans.append(splits)
+        for train, _ in splits:
+            mask = np.zeros(len(y), dtype=bool)
+            mask[train] = True
+            masks += [mask] * len(LAD_ALPHAS)
+            alphas += LAD_ALPHAS
+    if not tall:
+        return fits
+    coefs, intercepts = median_lasso(x, y, np.array(masks), np.array(alphas))
+    chosen = {}
+    for k, (i, splits) in enumerate(zip(tall, plans, strict=True)):
+        at = k * len(splits) * len(LAD_ALPHAS)
+        best = _best_of(x, y, splits, coefs[at:], intercepts[at:])
+        if best is None:
+            fits[i] = _clipped_ridge(x[members[i]], y[members[i]])
+        else:
+            chosen[i] = best
+    if chosen:
+        masks = np.zeros((len(chosen), len(y)), dtype=bool)
+        for row, i in enumerate(chosen):
+            masks[row, members[i]] = True
+        coefs, intercepts = median_lasso(x, y, masks, np.array(list(chosen.values())))
+        for row, i in enumerate(chosen):
+            fits[i] = (coefs[row], float(intercepts[row]))
+    return fits
+
+
+def _best_of(x: np.ndarray, y: np.ndarray, splits: list[tuple[np.ndarray, np.ndarray]],
+             coefs: np.ndarray, intercepts: np.ndarray) -> float | None:
+    """The sparse fit's penalty of lowest held-out absolute error over ``splits`` (fits
+    split by split, penalty by penalty, in ``coefs``), or None where the clipped ridge
+    does better."""
     errors = np.zeros(1 + len(LAD_ALPHAS))  # absolute errors: ridge, then each penalty
     for k, (train, held) in enumerate(splits):
         coef, intercept = _clipped_ridge(x[train], y[train])
@@ -82,10 +132,20 @@ def robust_linear(x: np.ndarray, y: np.ndarray, groups: np.ndarray | None = None
             at = k * len(LAD_ALPHAS) + a
             errors[1 + a] += np.abs(x[held] @ coefs[at] + intercepts[at] - y[held]).sum()
     best = int(np.argmin(errors))
-    if best == 0:
+    return None if best == 0 else LAD_ALPHAS[best - 1]
+
+
+def _sparse_or_ridge(x: np.ndarray, y: np.ndarray, splits: list[tuple[np.ndarray, np.ndarray]]
+                     ) -> tuple[np.ndarray, float]:
+    """One member's choice between the sparse fit and the clipped ridge, on its own rows."""
+    masks = np.zeros((len(splits) * len(LAD_ALPHAS), len(y)), dtype=bool)
+    for k, (train, _) in enumerate(splits):
+        masks[k * len(LAD_ALPHAS): (k + 1) * len(LAD_ALPHAS), train] = True
+    coefs, intercepts = median_lasso(x, y, masks, np.tile(LAD_ALPHAS, len(splits)))
+    alpha = _best_of(x, y, splits, coefs, intercepts)
+    if alpha is None:
         return _clipped_ridge(x, y)
-    coef, intercept = median_lasso(x, y, np.ones((1, len(y)), dtype=bool),
-                                   np.array([LAD_ALPHAS[best - 1]]))
+    coef, intercept = median_lasso(x, y, np.ones((1, len(y)), dtype=bool), np.array([alpha]))
     return coef[0], float(intercept[0])
 
 
@@ -115,12 +175,14 @@ def median_lasso(x: np.ndarray, y: np.ndarray, masks: np.ndarray, alphas: np.nda
     scikit-learn's ``QuantileRegressor(quantile=0.5)``.
 
     Designs taller than wide are solved together by iteratively reweighted least squares
-    (each step one weighted ridge system per problem): a linear program per problem took
-    0.17 s for 2,300 ECGs x 17 features and a head needs nine; the IRLS objective is within
-    0.1 % of the linear program's optimum (``tests/test_select.py``), a starting point for
-    gradient descent. Wider designs (a few dozen ECGs x 1,015 morphology features), where
-    IRLS converges slowly and the linear program is small, use the linear program, the
-    problems solved side by side on the machine's cores.
+    (each step one weighted ridge system per problem, all problems' systems one matrix
+    product; a problem stops when its coefficients move by less than ``tolerance``): a
+    linear program per problem took 0.17 s for 2,300 ECGs x 17 features and a head needs
+    nine; the IRLS objective is within 0.1 % of the linear program's optimum
+    (``tests/test_select.py``), a starting point for gradient descent. Wider designs (a
+    few dozen ECGs x 17 or 32 features), where IRLS converges slowly and the linear
+    program is small, use the linear program, the problems solved side by side on the
+    machine's cores.
     Returns (coefs (P, d), intercepts (P,)).
     """
     x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
@@ -136,21 +198,26 @@ def median_lasso(x: np.ndarray, y: np.ndarray, masks: np.ndarray, alphas: np.nda
         return (np.array([f.coef_ for f in fits]),
                 np.array([float(f.intercept_) for f in fits]))
     design = np.hstack([x, np.ones((n, 1))])
+    # each row's outer product, so every problem's weighted system is one matrix product
+    outer = (design[:, :, None] * design[:, None, :]).reshape(n, -1)
     weights = masks.astype(np.float64)
     counts = np.maximum(weights.sum(axis=1, keepdims=True), 1.0)
+    alphas = np.asarray(alphas, dtype=np.float64)
     beta = np.zeros((len(masks), d + 1))
     beta[:, d] = [np.median(y[m]) if m.any() else 0.0 for m in masks]
     diagonal = np.arange(d)
+    active = np.arange(len(masks))  # problems still moving by more than ``tolerance``
     for _ in range(iterations):
-        residual = y[None] - beta @ design.T
-        u = weights * 0.5 / (counts * np.maximum(np.abs(residual), 1e-6))
-        system = (design.T[None] * u[:, None, :]) @ design
-        system[:, diagonal, diagonal] += (np.asarray(alphas)[:, None]
-                                          / np.maximum(np.abs(beta[:, :d]), 1e-6))
+        residual = y[None] - beta[active] @ design.T
+        u = weights[active] * 0.5 / (counts[active] * np.maximum(np.abs(residual), 1e-6))
+        system = (u @ outer).reshape(len(active), d + 1, d + 1)
+        system[:, diagonal, diagonal] += (alphas[active, None]
+                                          / np.maximum(np.abs(beta[active, :d]), 1e-6))
         update = np.linalg.solve(system, ((u * y[None]) @ design)[..., None])[..., 0]
-        change = float(np.abs(update - beta).max())
-        beta = update
-        if change < tolerance:
+        moving = np.abs(update - beta[active]).max(axis=1) >= tolerance
+        beta[active] = update
+        active = active[moving]
+        if not len(active):
             break
     return beta[:, :d], beta[:, d]
 
