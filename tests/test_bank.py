@@ -10,6 +10,7 @@ import torch
 from stages.fit.bank import (
     Banks,
     BatchedAdamW,
+    Criterion,
     GateBank,
     HeadBank,
     Reader,
@@ -185,6 +186,27 @@ def test_lora_members_keep_their_hidden_weights_frozen():
     trained = {n for n, (trainable, _) in bank.layout.items() if trainable}
     assert trained == {"w3", "b3", "a1", "l1", "a2", "l2", "ws", "bs"}
     assert bank.weight("l1").abs().sum() > 0  # the update learnt
+
+
+def test_training_flushes_subnormals_only_while_it_runs():
+    """Banks train with subnormal floats read as zero (they made the weight generator 4x
+    slower); the caller's arithmetic is left as it was, during a failure too."""
+    source, _ = _data(False)
+    tiny = torch.tensor([1e-40])  # subnormal in float32
+    seen = []
+
+    def criterion_rows(out, chunk, members):
+        seen.append(float(tiny * 1.0))
+        raise RuntimeError("stop")
+
+    bank = HeadBank(6, 1, ModelConfig(hidden=8, lora_r=2), [0]).double()
+    with pytest.raises(RuntimeError, match="stop"):
+        train_banks(Banks({"x": bank}), Reader(source, ["x"], torch.device("cpu")),
+                    Criterion(criterion_rows), [np.arange(100)], [np.arange(150, 200)],
+                    lr=1e-2, weight_decay=0.0, batch_size=32, max_epochs=2, patience=2,
+                    seed=0)
+    assert seen == [0.0]  # flushed inside
+    assert float(tiny * 1.0) > 0  # and restored
 
 
 def test_batched_adamw_matches_torch_and_leaves_inactive_members_alone():
