@@ -530,10 +530,11 @@ def train_banks(banks: Banks, reader: Reader, criterion: Criterion, train: list[
 
 @contextmanager
 def _denormals_flushed() -> Iterator[None]:
-    """Subnormal floats read as zero while banks train. Adam's second moments of weights
-    whose gradients have died out decay into the subnormal range, where x86 arithmetic is
-    many times slower: the weight generator's epochs took 4x as long after ten epochs (5.0
-    against 1.5 s on the demo's ``ad``, the same weights to the last digit)."""
+    """Subnormal floats read as zero while banks train (on this thread: torch's worker
+    threads keep their own setting). Adam's second moments of weights whose gradients
+    have died out decay into the subnormal range, where x86 arithmetic is many times
+    slower: the weight generator's epochs took 4x as long after ten epochs (5.0 against
+    1.5 s on the demo's ``ad``, the same weights to the last digit)."""
     torch.set_flush_denormal(True)
     try:
         yield
