@@ -216,6 +216,33 @@ def test_stratified_folds_give_a_rare_class_to_every_validation_set():
     assert not all(map(all, unstratified))  # what stratifying changes
 
 
+def test_multi_task_folds_are_stratified_by_each_rows_rarest_class():
+    """The multi-task fit's folds span every task's labels; each row counts as its rarest
+    (task, class), so potassium's few positives reach every validation set there too."""
+    import pandas as pd
+
+    from stages.fit.multitask import _rarest_class
+    from stages.fit.tasks import TASKS, encode
+
+    rng = np.random.default_rng(5)
+    subjects = rng.integers(0, 88, 200).astype(str)
+    ka = np.isin(subjects, np.unique(subjects)[:6]).astype(float)
+    ka[:10] = np.nan  # unlabelled for ka
+    cohort = pd.DataFrame({"rr": rng.normal(800, 100, 200),
+                           "sex": np.where(rng.random(200) < 0.4, "M", "F"),
+                           "ka": pd.array(ka, dtype="Int64")})
+    targets = {n: encode(TASKS[n], cohort[n], np.ones(200, dtype=bool))
+               for n in ("rr", "sex", "ka")}
+    strata = _rarest_class(targets)
+    positive = ka == 1
+    assert set(strata[positive]) == {"ka:1"}
+    assert set(strata[~positive]) <= {"sex:0", "sex:1"}  # the sexes are rarer than ka = 0
+    assert set(_rarest_class({"rr": targets["rr"]})) == {"-"}
+    for seed in range(3):
+        for rows in cv_rows(np.arange(200), subjects, 5, seed, strata):
+            assert positive[rows["val"]].any() and positive[rows["test"]].any()
+
+
 def test_cross_validated_fit_predicts_every_labelled_ecg_once_per_seed(noisy):
     root, _, _ = noisy
     result = fit_task("rr", _params(seeds=2, backbones=["measure", "noise0"]),

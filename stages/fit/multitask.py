@@ -83,6 +83,23 @@ def _task_part(fit: ExpertFit, columns: slice) -> ExpertFit:
     return ExpertFit(fit.outputs[:, columns], head_columns(fit.head, columns))
 
 
+def _rarest_class(targets: dict[str, Targets]) -> np.ndarray:
+    """Per row, the rarest (task, class) among the classification tasks that label it ("-"
+    where none does): the multi-task fit's folds are stratified by it, so a rare class of
+    any task (potassium's positives) reaches every validation set, as in its own fit."""
+    n = len(next(iter(targets.values())).y)
+    frequency, stratum = np.full(n, np.inf), np.full(n, "-", dtype=object)
+    for name, encoded in targets.items():
+        if TASKS[name].kind == "regression":
+            continue
+        y = encoded.y.astype(np.int64)
+        counts = np.bincount(y[encoded.labelled], minlength=y.max() + 1)
+        rarer = encoded.labelled & (counts[y] < frequency)
+        frequency[rarer] = counts[y[rarer]]
+        stratum[rarer] = [f"{name}:{c}" for c in y[rarer]]
+    return stratum.astype(str)
+
+
 def _skip_reason(name: str, encoded: Targets, rows: list[Rows], subjects: np.ndarray,
                  mode: str, folds: int) -> str | None:
     if mode == "cv" and len(np.unique(subjects[encoded.labelled])) < max(folds, 2):
@@ -112,8 +129,9 @@ def fit_multitask(params: FitParams, cohort_path: Path, cache_dir: Path,
     seeds_list = list(range(params.seeds if seeds is None else seeds))
     labelled = np.flatnonzero(any_label)
     fixed = {s: np.flatnonzero((split == s) & any_label) for s in ("train", "val", "test")}
+    strata = _rarest_class(targets)
     folds = {seed: [fixed] if mode == "split" else cv_rows(labelled, subjects, params.cv_folds,
-                                                          seed)
+                                                          seed, strata)
              for seed in seeds_list}
     every_rows = [r for seed in seeds_list for r in folds[seed]]
     skipped = {t: reason for t in names if (reason := _skip_reason(
