@@ -76,8 +76,7 @@ def robust_linears(x: np.ndarray, y: np.ndarray, groups: np.ndarray | None,
     cross-validated 200-ECG ``rr`` fit's 26 s of heads)."""
     d = x.shape[1]
     fits: list[tuple[np.ndarray, float] | None] = [None] * len(members)
-    tall, plans = [], []  # a sparse member's inner (train, held) splits, as design rows
-    masks, alphas = [], []
+    tall: dict[int, list[tuple[np.ndarray, np.ndarray]]] = {}  # inner splits, design rows
     for i, rows in enumerate(members):
         if not sparse_fits(len(rows), d):
             fits[i] = _clipped_ridge(x[rows], y[rows])
@@ -86,36 +85,49 @@ def robust_linears(x: np.ndarray, y: np.ndarray, groups: np.ndarray | None,
         folds = (GroupKFold(SELECT_FOLDS) if g is not None
                  and len(np.unique(g)) >= SELECT_FOLDS
                  else KFold(SELECT_FOLDS, shuffle=True, random_state=0))
-        splits = [(rows[a], rows[b]) for a, b in folds.split(x[rows], y[rows], g)]
+        splits = list(folds.split(x[rows], y[rows], g))
         if len(rows) <= d:  # wide: the linear programs, on the member's own rows
-            fits[i] = _sparse_or_ridge(x[rows], y[rows], [
-                (np.searchsorted(rows, a), np.searchsorted(rows, b)) for a, b in splits])
-            continue
-        tall.append(i)
-        plans.append(splits)
-        for train, _ in splits:
+            fits[i] = _sparse_or_ridge(x[rows], y[rows], [np.arange(len(rows))], [splits])[0]
+        else:
+            tall[i] = [(rows[a], rows[b]) for a, b in splits]
+    batch = _sparse_or_ridge(x, y, [members[i] for i in tall], list(tall.values()))
+    for i, fit in zip(tall, batch, strict=True):
+        fits[i] = fit
+    return fits
+
+
+def _sparse_or_ridge(x: np.ndarray, y: np.ndarray, members: list[np.ndarray],
+                     splits: list[list[tuple[np.ndarray, np.ndarray]]]
+                     ) -> list[tuple[np.ndarray, float]]:
+    """Each member's choice between the sparse fit (its penalty too) and the clipped ridge
+    by held-out absolute error over its inner ``splits``, then the choice fitted on its
+    rows; the sparse fits of every member are one ``median_lasso`` batch on ``x``."""
+    if not members:
+        return []
+    masks, alphas = [], []
+    for member_splits in splits:
+        for train, _ in member_splits:
             mask = np.zeros(len(y), dtype=bool)
             mask[train] = True
             masks += [mask] * len(LAD_ALPHAS)
             alphas += LAD_ALPHAS
-    if not tall:
-        return fits
     coefs, intercepts = median_lasso(x, y, np.array(masks), np.array(alphas))
-    chosen = {}
-    for k, (i, splits) in enumerate(zip(tall, plans, strict=True)):
-        at = k * len(splits) * len(LAD_ALPHAS)
-        best = _best_of(x, y, splits, coefs[at:], intercepts[at:])
+    fits: list[tuple[np.ndarray, float] | None] = [None] * len(members)
+    chosen, at = {}, 0
+    for k, (rows, member_splits) in enumerate(zip(members, splits, strict=True)):
+        best = _best_of(x, y, member_splits, coefs[at:], intercepts[at:])
+        at += len(member_splits) * len(LAD_ALPHAS)
         if best is None:
-            fits[i] = _clipped_ridge(x[members[i]], y[members[i]])
+            fits[k] = _clipped_ridge(x[rows], y[rows])
         else:
-            chosen[i] = best
+            chosen[k] = best
     if chosen:
         masks = np.zeros((len(chosen), len(y)), dtype=bool)
-        for row, i in enumerate(chosen):
-            masks[row, members[i]] = True
+        for row, k in enumerate(chosen):
+            masks[row, members[k]] = True
         coefs, intercepts = median_lasso(x, y, masks, np.array(list(chosen.values())))
-        for row, i in enumerate(chosen):
-            fits[i] = (coefs[row], float(intercepts[row]))
+        for row, k in enumerate(chosen):
+            fits[k] = (coefs[row], float(intercepts[row]))
     return fits
 
 
@@ -133,20 +145,6 @@ def _best_of(x: np.ndarray, y: np.ndarray, splits: list[tuple[np.ndarray, np.nda
             errors[1 + a] += np.abs(x[held] @ coefs[at] + intercepts[at] - y[held]).sum()
     best = int(np.argmin(errors))
     return None if best == 0 else LAD_ALPHAS[best - 1]
-
-
-def _sparse_or_ridge(x: np.ndarray, y: np.ndarray, splits: list[tuple[np.ndarray, np.ndarray]]
-                     ) -> tuple[np.ndarray, float]:
-    """One member's choice between the sparse fit and the clipped ridge, on its own rows."""
-    masks = np.zeros((len(splits) * len(LAD_ALPHAS), len(y)), dtype=bool)
-    for k, (train, _) in enumerate(splits):
-        masks[k * len(LAD_ALPHAS): (k + 1) * len(LAD_ALPHAS), train] = True
-    coefs, intercepts = median_lasso(x, y, masks, np.tile(LAD_ALPHAS, len(splits)))
-    alpha = _best_of(x, y, splits, coefs, intercepts)
-    if alpha is None:
-        return _clipped_ridge(x, y)
-    coef, intercept = median_lasso(x, y, np.ones((1, len(y)), dtype=bool), np.array([alpha]))
-    return coef[0], float(intercept[0])
 
 
 def sparse_fits(n: int, d: int) -> bool:
