@@ -447,6 +447,24 @@ def test_stored_heads_are_reused_only_under_the_same_key(fake, tmp_path, monkeyp
     assert not [p for p in (cache / "heads").rglob("*") if p.name.startswith(".")]
 
 
+def test_the_multitask_fit_reuses_the_single_task_fits_probes(fake, tmp_path, monkeypatch):
+    """On a fixed split a task's rows are the same in both fits, so `dvc repro`'s fit-all
+    reads the fit stage's cross-fitted linear probes instead of fitting them again."""
+    import shutil
+
+    from stages.fit.multitask import fit_multitask
+
+    root, _ = fake
+    cache = tmp_path / "cache"
+    for name in ("strong", "weak", "gate"):
+        shutil.copytree(root / "cache" / f"{name}.zarr", cache / f"{name}.zarr")
+    params = _params(head_store=True, seeds=1)
+    fit_task("rr", params, root / "cohort.parquet", cache)
+    probed = _count_probes(monkeypatch)
+    fit_multitask(params, root / "cohort.parquet", cache, ["rr", "sex"])
+    assert sorted(probed) == ["strong", "weak"]  # sex's only: rr's are the fit stage's
+
+
 def test_a_head_trained_alone_is_the_head_trained_with_others(fake):
     from stages.fit.head_store import HeadMemo
 

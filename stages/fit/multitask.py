@@ -144,25 +144,26 @@ def fit_multitask(params: FitParams, cohort_path: Path, cache_dir: Path,
                            params.max_memory_gb, params.inputs, params.gate_inputs)
     columns = _columns(targets)
     requests = [(seed, rows) for seed in seeds_list for rows in folds[seed]]
+    memo = head_memo(params, cache_dir) if memo is None else memo
     fitted = heads("+".join(targets), "+".join(labels_digest(t) for t in targets.values()),
                    lambda train: _joint_objective(targets, columns, train, params), source,
-                   requests, subjects, columns[list(targets)[-1]].stop, params,
-                   head_memo(params, cache_dir) if memo is None else memo)
+                   requests, subjects, columns[list(targets)[-1]].stop, params, memo)
     result: dict = {"seeds": seeds_list, "backbones": list(params.backbones),
                     "gate_inputs": list(params.gate_inputs), "evaluation": mode,
                     "tasks": {}, "skipped": skipped}
     for name, encoded in targets.items():
         result["tasks"][name] = _evaluate(name, encoded, columns[name], source, folds, fitted,
-                                          subjects, params)
+                                          subjects, params, memo)
     return result
 
 
 def _evaluate(name: str, encoded: Targets, columns: slice, source: FeatureSource,
               folds: dict[int, list[Rows]], fitted: list[dict[str, ExpertFit]],
-              subjects: np.ndarray, params: FitParams) -> dict:
+              subjects: np.ndarray, params: FitParams, memo: HeadMemo) -> dict:
     """One task's ensemble from its columns of the multi-task heads (``fitted``: one per
     seed and rows of ``folds``, in order), as ``fit_task`` evaluates a single-task fit
-    (without baselines)."""
+    (without baselines). Its linear probes are the single-task fit's, read from ``memo``
+    when the rows are the same (the fixed split)."""
     task = TASKS[name]
     per_seed, choices = [], []
     evaluated = np.sort(np.concatenate([r["test"] for r in next(iter(folds.values()))]))
@@ -178,7 +179,7 @@ def _evaluate(name: str, encoded: Targets, columns: slice, source: FeatureSource
     for rows_list in folds.values():
         plans = [next(ready) for _ in rows_list]
         fits = [fit_split(task, encoded, source, plan.rows, subjects, params, plan.seed, False,
-                          fits=plan.fits, scaled_on=plan.scaled_on, prefit=prefit)
+                          memo=memo, fits=plan.fits, scaled_on=plan.scaled_on, prefit=prefit)
                 for plan, prefit in plans]
         trivial = [_trivial(task, encoded, plan.rows) for plan, _ in plans]
         per_seed.append(_pool(task, fits, trivial, evaluated))
