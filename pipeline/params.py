@@ -111,7 +111,7 @@ class FitParams:
     max_memory_gb: float = 4.0
     device: str = "auto"
     bf16: bool = False
-    head_store: bool = True
+    head_store: bool | str = True  # true: <extract.out>/heads; a folder: there (sweeps)
     evaluation: str = "auto"
     cv_folds: int = 5
     cv_max_ecgs: int = 2000

@@ -447,6 +447,23 @@ def test_stored_heads_are_reused_only_under_the_same_key(fake, tmp_path, monkeyp
     assert not [p for p in (cache / "heads").rglob("*") if p.name.startswith(".")]
 
 
+def test_a_shared_head_store_serves_copies_of_the_workspace(fake, tmp_path, monkeypatch):
+    """`fit.head_store: <folder>`: a queued `dvc exp run` works in a copy of the workspace
+    (features checked out, no heads); with a shared folder it trains no head again."""
+    import shutil
+
+    root, _ = fake
+    shared = tmp_path / "shared"
+    params = _params(head_store=str(shared), seeds=1)
+    trained = _count_heads(monkeypatch)
+    for copy in ("workspace", "experiment"):
+        for name in ("strong", "weak", "gate"):
+            shutil.copytree(root / "cache" / f"{name}.zarr", tmp_path / copy / f"{name}.zarr")
+        fit_task("rr", params, root / "cohort.parquet", tmp_path / copy)
+    assert sorted(trained) == ["strong", "weak"]  # by the first copy only
+    assert list(shared.rglob("*.pt")) and not (tmp_path / "workspace" / "heads").exists()
+
+
 def test_the_multitask_fit_reuses_the_single_task_fits_probes(fake, tmp_path, monkeypatch):
     """On a fixed split a task's rows are the same in both fits, so `dvc repro`'s fit-all
     reads the fit stage's cross-fitted linear probes instead of fitting them again."""

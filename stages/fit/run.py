@@ -368,8 +368,13 @@ def heads(task: str, labels: str,
 
 
 def head_memo(params: FitParams, cache_dir: Path) -> HeadMemo:
-    """Where a fit keeps its cross-fitted heads: beside the features (``fit.head_store``)."""
-    return HeadMemo(Path(cache_dir) / FOLDER if params.head_store else None)
+    """Where a fit keeps its cross-fitted heads (``fit.head_store``): beside the features
+    (``true``), nowhere (``false``), or in a given folder. The folder is for `dvc exp run
+    --queue`: each queued experiment runs in a copy of the workspace whose ``cache/``
+    holds the features but not the heads, so a shared folder lets it reuse them."""
+    if params.head_store is True:
+        return HeadMemo(Path(cache_dir) / FOLDER)
+    return HeadMemo(Path(params.head_store) if params.head_store else None)
 
 
 def fit_split(task: Task, targets: Targets, source: FeatureSource, rows: dict[str, np.ndarray],
