@@ -48,6 +48,29 @@ def test_every_problem_gets_scikit_learns_probabilities(n_classes, balanced):
                                    atol=2e-4)
 
 
+@pytest.mark.parametrize("n_classes", [2, 5])
+def test_float32_products_cost_nothing_at_the_default_tolerance(n_classes, monkeypatch):
+    """At the default tolerance the design's products run in float32: the fits end as
+    close to the exact solution as the same fits in float64 do."""
+    import stages.fit.logistic as logistic
+
+    x, y = _data(n_classes, n=600, d=60, seed=2)
+    masks = np.random.default_rng(4).random((3, len(y))) < 0.8
+    cs = np.array([0.1, 1.0, 10.0])
+    fits = LogisticFits(x, y, n_classes, True)
+
+    def probabilities(tolerance: float = logistic.TOLERANCE) -> np.ndarray:
+        states, _ = fits.fit(masks, cs, tolerance=tolerance)
+        return np.stack([Linear(s, True, n_classes).predict(x) for s in states])
+
+    exact = probabilities(1e-9)  # float64 products, to the solution
+    fast = probabilities()
+    monkeypatch.setattr(logistic, "FLOAT32_TOLERANCE", 1.0)  # float64 at any tolerance
+    slow = probabilities()
+    assert np.abs(fast - exact).max() <= np.abs(slow - exact).max() + 1e-4
+    np.testing.assert_allclose(fast, slow, atol=2e-4)
+
+
 def test_a_class_missing_from_a_problems_rows_gets_no_probability():
     x, y = _data(5)
     mask = y != 4
