@@ -188,6 +188,20 @@ def test_lora_members_keep_their_hidden_weights_frozen():
     assert bank.weight("l1").abs().sum() > 0  # the update learnt
 
 
+def test_some_members_read_their_own_weights_frozen_and_trained():
+    """Members still training read their weights by index; a frozen one is gathered only
+    when read, and reads the same values."""
+    bank = HeadBank(5, 2, ModelConfig(hidden=8, lora_r=2), [1, 2, 3, 4])
+    members = torch.tensor([1, 3])
+    full, some = bank.weights(), bank.weights(members)
+    assert set(full) == set(bank.layout) and {"w1", "w2"} <= {n for n, (t, _) in
+                                                            bank.layout.items() if not t}
+    for name in bank.layout:
+        assert torch.equal(some[name], full[name][members]), name
+    x = torch.randn(3, 5)
+    assert torch.equal(bank(x, members), bank(x)[members])
+
+
 def test_training_flushes_subnormals_only_while_it_runs():
     """Banks train with subnormal floats read as zero (they made the weight generator 4x
     slower); the caller's arithmetic is left as it was, during a failure too."""
