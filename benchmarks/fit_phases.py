@@ -75,12 +75,16 @@ def _extraction_seconds(params_path: Path) -> float:
     return time.perf_counter() - started
 
 
-def _stage(name: str, work) -> float:
+def _row(label: str, work, phases: list[str]) -> float:
+    """Run ``work`` and print its table row: seconds per phase, the rest, the total."""
+    TIMES.clear()
     started = time.perf_counter()
     work()
-    seconds = time.perf_counter() - started
-    print(f"{name}: {seconds:.1f} s", flush=True)
-    return seconds
+    total = time.perf_counter() - started
+    other = total - sum(TIMES[p] for p in phases)
+    print(f"| {label} | " + " | ".join(f"{TIMES[p]:.1f}" for p in phases)
+          + f" | {other:.1f} | {total:.1f} |", flush=True)
+    return total
 
 
 def main() -> None:
@@ -112,20 +116,15 @@ def main() -> None:
         for store in cache.glob("*.zarr"):
             (scratch / store.name).symlink_to(store.resolve())
         for task in args.tasks:
-            TIMES.clear()
-            started = time.perf_counter()
-            run.fit_task(task, fit, cohort, scratch).write(fit)
-            total = time.perf_counter() - started
-            total_fit += total
-            other = total - sum(TIMES[p] for p in phases)
-            print(f"| {task} | " + " | ".join(f"{TIMES[p]:.1f}" for p in phases)
-                  + f" | {other:.1f} | {total:.1f} |", flush=True)
-        print(f"\nfit-ensemble, {len(args.tasks)} task(s): {total_fit:.1f} s")
+            total_fit += _row(task, lambda t=task: run.fit_task(t, fit, cohort, scratch).write(fit),
+                              phases)
+        print(f"| **fit-ensemble, {len(args.tasks)} task(s)** | | | | | | | | | "
+              f"**{total_fit:.1f}** |")
         if args.all:
-            total_fit += _stage("fit-ensemble --task all", lambda: fit_multitask(
-                fit, cohort, scratch, args.tasks))
-            total_fit += _stage("compare", lambda: compare_variants(
-                fit, params.variants, args.tasks, cohort, scratch))
+            total_fit += _row("fit-ensemble --task all", lambda: fit_multitask(
+                fit, cohort, scratch, args.tasks), phases)
+            total_fit += _row("compare", lambda: compare_variants(
+                fit, params.variants, args.tasks, cohort, scratch), phases)
     if args.extract:
         stage_one = _extraction_seconds(args.params)
         print(f"extraction, {len(params.backbones)} backbone(s): {stage_one:.1f} s; "
