@@ -49,6 +49,26 @@ def test_every_problem_gets_scikit_learns_probabilities(n_classes, balanced):
 
 
 @pytest.mark.parametrize("n_classes", [2, 5])
+def test_a_design_wider_than_tall_keeps_the_axes_its_rows_span(n_classes):
+    """A probe on fewer ECGs than features: the solution lies in the rows' span, so the
+    axes outside it are dropped and the probabilities, on unseen rows too, stay sklearn's."""
+    x, y = _data(n_classes, n=160, d=60)
+    wide = np.hstack([x, x @ np.random.default_rng(2).normal(size=(60, 90))])  # 150 columns
+    train, unseen = wide[:50], wide[50:]
+    masks = np.ones((2, 50), dtype=bool)
+    masks[0, :10] = False
+    fits = LogisticFits(train, y[:50], n_classes, False)
+    assert fits.axes.shape == (150, 50)
+    states, _ = fits.fit(masks, np.array([0.1, 1.0]), tolerance=1e-9)
+    for mask, c, state in zip(masks, (0.1, 1.0), states, strict=True):
+        reference = _reference(train[mask], y[:50][mask], c, False)
+        expected = np.zeros((len(unseen), n_classes))
+        expected[:, reference.classes_] = reference.predict_proba(unseen)
+        np.testing.assert_allclose(Linear(state, True, n_classes).predict(unseen), expected,
+                                   atol=2e-4)
+
+
+@pytest.mark.parametrize("n_classes", [2, 5])
 def test_float32_products_cost_nothing_at_the_default_tolerance(n_classes, monkeypatch):
     """At the default tolerance the design's products run in float32: the fits end as
     close to the exact solution as the same fits in float64 do."""
