@@ -40,7 +40,12 @@ ROUNDING_SLACK = 10
 
 
 class _Problems:
-    """The objective of P logistic regressions over one rotated design (n, D + 1)."""
+    """The objective of P logistic regressions over one rotated design (n, D + 1).
+
+    Per-row quantities are kept rows first, (n, P, k), the layout of the design's product,
+    and in the design's type: permuted to (P, n, k) and in float64 they cost as much as the
+    product itself (a third of the demo's ``ad`` fit was log-softmax, exp and masking). Only
+    the per-problem sums are float64."""
 
     def __init__(self, design: torch.Tensor, y: np.ndarray, weights: np.ndarray,
                  penalties: np.ndarray, n_classes: int):
@@ -48,29 +53,24 @@ class _Problems:
         self.n, self.width = design.shape
         self.binary = n_classes == 2
         self.k = 1 if self.binary else n_classes
-        dtype = torch.float64
-        self.w = torch.as_tensor(weights / weights.sum(axis=1, keepdims=True), dtype=dtype)
-        self.penalty = torch.as_tensor(penalties, dtype=dtype)
+        self.problems = len(weights)
+        weights = torch.as_tensor((weights / weights.sum(axis=1, keepdims=True)).T)  # (n, P)
+        self.w, self.w_rows = weights, weights.to(design.dtype)
+        self.labelled = weights > 0
+        self.penalty = torch.as_tensor(penalties, dtype=torch.float64)
         self.y = torch.as_tensor(y, dtype=torch.long)
-        self.onehot = (torch.as_tensor(y, dtype=dtype)[:, None] if self.binary
-                       else torch.nn.functional.one_hot(self.y, n_classes).to(dtype))
-        present = (weights @ np.eye(n_classes)[y]) > 0  # (P, classes)
+        self.target = (torch.as_tensor(y, dtype=design.dtype)[:, None, None] if self.binary
+                       else torch.nn.functional.one_hot(self.y, n_classes).to(design.dtype)
+                       [:, None, :])  # (n, 1, k)
+        present = (weights.numpy().T @ np.eye(n_classes)[y]) > 0  # (P, classes)
         self.present = torch.as_tensor(present[:, 1:] if self.binary else present)
-        self.absent = torch.where(self.present, 0.0, -torch.inf).to(dtype)  # (P, k)
-        self.penalised = torch.ones(self.width, 1, dtype=dtype)
+        self.absent = torch.where(self.present, 0.0, -torch.inf).to(design.dtype)  # (P, k)
+        self.penalised = torch.ones(self.width, 1, dtype=torch.float64)
         self.penalised[-1] = 0.0  # the intercept
 
     @property
     def shape(self) -> tuple[int, int, int]:
-        return len(self.w), self.width, self.k
-
-    def logits(self, coef: torch.Tensor, x: torch.Tensor | None = None) -> torch.Tensor:
-        """(P, n, k) logits of every problem: one matrix product for all."""
-        x = self.x if x is None else x
-        p = len(coef)
-        flat = coef.permute(1, 0, 2).reshape(self.width, p * self.k).to(x.dtype)
-        z = (x @ flat).to(coef.dtype).view(len(x), p, self.k).permute(1, 0, 2)
-        return z if self.binary else z + self.absent[:, None, :]
+        return self.problems, self.width, self.k
 
     def centred(self, step: torch.Tensor) -> torch.Tensor:
         """``step`` without its mean over each problem's classes. The softmax is unchanged by
@@ -84,24 +84,25 @@ class _Problems:
         return (step - mean) * present
 
     def value_grad(self, coef: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per problem, the mean-scaled objective Σ w_i ℓ_i + λ/2 ‖W‖² and its gradient (in
-        float64, whatever the design's type)."""
-        z = self.logits(coef)
+        """Per problem, the mean-scaled objective Σ w_i ℓ_i + λ/2 ‖W‖² and its gradient, in
+        float64 (``coef``'s type) whatever the design's type."""
+        p, k = self.problems, self.k
+        flat = coef.permute(1, 0, 2).reshape(self.width, p * k).to(self.x.dtype)
+        z = (self.x @ flat).view(self.n, p, k)  # (n, P, k) logits of every problem
         if self.binary:
-            loss = torch.nn.functional.softplus(z[..., 0]) - self.onehot[None, :, 0] * z[..., 0]
-            residual = torch.sigmoid(z) - self.onehot[None]
+            loss = torch.nn.functional.softplus(z[..., 0]) - self.target[..., 0] * z[..., 0]
+            residual = torch.sigmoid(z) - self.target
         else:
-            log_p = z.log_softmax(dim=-1)
-            loss = -(torch.where(self.onehot[None] > 0, log_p, 0.0)).sum(-1)
-            residual = log_p.exp() - self.onehot[None]
-        loss = torch.where(self.w > 0, loss, 0.0)
-        residual = residual * self.w[..., None]
-        p = len(coef)
-        grad = (self.x.T @ residual.permute(1, 0, 2).reshape(self.n, p * self.k)
-                .to(self.x.dtype)).to(coef.dtype)
-        grad = grad.view(self.width, p, self.k).permute(1, 0, 2)
+            z = z + self.absent
+            log_p = z - z.logsumexp(-1, keepdim=True)  # log_softmax: slower in float32
+            loss = -log_p.gather(-1, self.y[:, None, None].expand(self.n, p, 1))[..., 0]
+            residual = log_p.exp_() - self.target
+        loss = torch.where(self.labelled, loss.to(torch.float64), 0.0)  # absent: -inf
+        residual = residual * self.w_rows[..., None]
+        grad = (self.x.T @ residual.view(self.n, p * k)).to(coef.dtype)
+        grad = grad.view(self.width, p, k).permute(1, 0, 2)
         penalised = coef * self.penalised
-        value = (self.w * loss).sum(1) + 0.5 * self.penalty * (penalised ** 2).sum((1, 2))
+        value = (self.w * loss).sum(0) + 0.5 * self.penalty * (penalised ** 2).sum((1, 2))
         grad = grad + self.penalty[:, None, None] * penalised
         if not self.binary:
             grad = grad * self.present[:, None, :]
