@@ -92,8 +92,9 @@ def measure(rows: int, dtype: str, per_lead: bool, epochs: int, max_memory_gb: f
         fabricate_s = time.perf_counter() - started
         split = pd.read_parquet(root / "cohort.parquet", columns=["split"])["split"].to_numpy()
         params = FitParams(backbones=list(EXPERTS), gate_inputs=list(GATE_STORES),
-                           max_epochs=epochs, patience=epochs, loss="l1", seeds=1,
-                           evaluation="split", max_memory_gb=max_memory_gb)
+                           inputs={},  # each store's one array holds its (12, d) per lead
+                           max_epochs=epochs, patience=epochs, seeds=1, evaluation="split",
+                           max_memory_gb=max_memory_gb)
         source = load_features(root / "cache", list(EXPERTS), DIGEST, rows,
                                params.max_memory_gb, gate_inputs=params.gate_inputs)
         started = time.perf_counter()

@@ -83,10 +83,11 @@ class ExtractParams:
 class FitParams:
     """Stage two: which experts, the heads and gate, training, and where results go."""
 
-    backbones: list[str] = field(default_factory=lambda: ["moment", "timesnet", "dlinear"])
-    inputs: dict[str, str] = field(default_factory=dict)
+    backbones: list[str] = field(default_factory=lambda: [
+        "moment", "timesnet", "dlinear", "rhythm", "morphology"])
+    inputs: dict[str, str] = field(default_factory=lambda: {"moment": "per_lead"})
     expert_loss_weight: float = 1.0
-    gate_inputs: list[str] = field(default_factory=lambda: ["gate"])
+    gate_inputs: list[str] = field(default_factory=lambda: ["gate", "rhythm"])
     seeds: int = 3
     hidden: int = 128
     adapter: str = "lora"
@@ -102,7 +103,7 @@ class FitParams:
     combiner_alpha: float = 0.05
     head_skip: bool = True
     oof_folds: int = 5
-    loss: str = "mse"
+    loss: str = "l1"
     lr: float = 1e-3
     weight_decay: float = 1e-4
     batch_size: int = 256

@@ -66,9 +66,9 @@ def fake(tmp_path_factory):
 
 
 def _params(**kw) -> FitParams:
-    base = dict(backbones=["strong", "weak"], seeds=2, hidden=32, max_epochs=60, patience=10,
-                batch_size=64, evaluation="split", oof_folds=3, bootstrap=200,
-                head_store=False)  # every test trains its heads (test_head_store: not)
+    base = dict(backbones=["strong", "weak"], gate_inputs=["gate"], seeds=2, hidden=32,
+                max_epochs=60, patience=10, batch_size=64, evaluation="split", oof_folds=3,
+                bootstrap=200, head_store=False)  # each test trains its heads (but test_head_store)
     return FitParams(**{**base, **kw})
 
 

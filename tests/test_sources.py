@@ -66,11 +66,12 @@ def test_extract_and_fit_run_end_to_end_on_the_challenge_sample(cinc, tmp_path):
 
     _, out, _ = cinc
     small = {"moment": {"d_model": 16, "num_layers": 1, "num_heads": 2, "d_ff": 32},
-             "dlinear": {"pred_len": 2}, "gate": {}}
-    for name, model in small.items():
-        extract(name, BackboneParams(batch_size=16, model=model),
+             "dlinear": {"pred_len": 2}, "gate": {}, "rhythm": {}}
+    for name, model in small.items():  # MOMENT per lead, as the default fit reads it
+        extract(name, BackboneParams(batch_size=16, model=model, per_lead=name == "moment"),
                 ExtractParams(out=str(tmp_path), shard_rows=16), out)
-    params = FitParams(backbones=["moment", "dlinear"], seeds=1, hidden=16, max_epochs=5)
+    params = FitParams(backbones=["moment", "dlinear", "rhythm"], seeds=1, hidden=16,
+                       max_epochs=5)  # the default inputs and gate inputs
     for task in ("rr", "age", "sex", "ad"):
         metrics = fit_task(task, params, out / "cohort.parquet", tmp_path).metrics
         assert metrics["n"]["test"] > 0 and "ensemble" in metrics["methods"]

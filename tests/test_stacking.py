@@ -73,9 +73,9 @@ def noisy(tmp_path_factory):
 
 
 def _params(**kw) -> FitParams:
-    base = dict(backbones=["measure", "noise0", "noise1", "noise2"], seeds=1, hidden=32,
-                max_epochs=80, patience=10, evaluation="cv", cv_folds=3, oof_folds=3,
-                bootstrap=200, loss="l1", head_store=False)  # every test trains its heads
+    base = dict(backbones=["measure", "noise0", "noise1", "noise2"], gate_inputs=["gate"],
+                seeds=1, hidden=32, max_epochs=80, patience=10, evaluation="cv", cv_folds=3,
+                oof_folds=3, bootstrap=200, head_store=False)  # every test trains its heads
     return FitParams(**{**base, **kw})
 
 

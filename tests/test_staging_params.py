@@ -1,6 +1,8 @@
+from pathlib import Path
+
 import pytest
 
-from pipeline.params import ParamsError, load_params
+from pipeline.params import Params, ParamsError, load_params
 from pipeline.staging import staged_dir
 
 
@@ -54,3 +56,15 @@ def test_fit_choices_are_checked_when_params_load(tmp_path, line, message):
     path.write_text(f"variants:\n  bad:\n    {line}\n")  # a variant's overrides too
     with pytest.raises(ParamsError, match=message):
         load_params(path)
+
+
+def test_every_sections_defaults_are_the_shipped_params_yaml():
+    """A params file that leaves a key out gets what the shipped params.yaml says (the fit
+    defaults once trained with MSE and three experts while params.yaml said L1 and five).
+    ``backbones:`` and ``variants:`` are the exceptions: without them each backbone takes its
+    class's defaults, and there are no variants to compare."""
+    shipped = load_params(Path(__file__).parents[1] / "params.yaml")
+    defaults = Params()
+    for section in ("synth", "data", "prepare", "extract", "fit"):
+        assert getattr(defaults, section) == getattr(shipped, section), section
+    assert defaults.tasks == shipped.tasks
