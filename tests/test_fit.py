@@ -318,7 +318,7 @@ def test_variants_fit_only_the_ensemble_and_reproduce_the_fit_stage(fake):
     assert set(lean.metrics["methods"]) == {"ensemble", "mean_predictor", "strong", "weak"}
 
 
-def test_an_unchanged_variant_reuses_the_fit_stage_metrics(fake, tmp_path):
+def test_a_variant_the_fit_stage_computed_reuses_its_metrics(fake, tmp_path):
     from stages.fit.compare import compare_variants
 
     root, _ = fake
@@ -326,11 +326,15 @@ def test_an_unchanged_variant_reuses_the_fit_stage_metrics(fake, tmp_path):
                      models=str(tmp_path / "models"))
     fit_task("rr", params, root / "cohort.parquet", root / "cache").write(params)
     saved = json.loads((tmp_path / "m" / "rr.json").read_text())
-    saved["methods"]["ensemble"]["mae"]["mean"] = -1.0  # marks the reused value
+    saved["methods"]["ensemble"]["mae"]["mean"] = -1.0  # marks the reused values
+    saved["methods"]["gate"]["mae"]["mean"] = -2.0
     (tmp_path / "m" / "rr.json").write_text(json.dumps(saved))
-    result = compare_variants(params, {"same": {}}, ["rr"], root / "cohort.parquet",
-                              root / "cache")
+    result = compare_variants(params, {"same": {}, "gate": {"combiner": "gate"},
+                                       "small_gate": {"combiner": "gate", "gate_hidden": 8}},
+                              ["rr"], root / "cohort.parquet", root / "cache")
     assert result["tasks"]["rr"]["variants"]["same"]["mae"]["mean"] == -1.0
+    assert result["tasks"]["rr"]["variants"]["gate"]["mae"]["mean"] == -2.0  # select's gate
+    assert result["tasks"]["rr"]["variants"]["small_gate"]["mae"]["mean"] > 0  # fitted
     # a fit made with any other setting (here the heads' learning rate) is fitted anew
     other = dataclasses.replace(params, lr=params.lr * 3)
     result = compare_variants(other, {"same": {}}, ["rr"], root / "cohort.parquet",

@@ -2,9 +2,11 @@
 
 A variant is a set of ``fit:`` overrides (``variants:`` in params.yaml), e.g. more experts
 or a phase-aware gate. Only the ensemble is fitted per variant (its seeds are the fit
-stage's, so the plain variant reproduces it); baselines stay with the fit stage. A variant
-that changes nothing reuses the fit stage's ``metrics/<task>.json`` when it was fitted with
-every fit setting equal, instead of fitting the same ensemble again.
+stage's, so the plain variant reproduces it); baselines stay with the fit stage. Nothing
+the fit stage computed is fitted again: when ``metrics/<task>.json`` was made with every fit
+setting equal, a variant that changes nothing reuses its ensemble, and one that only turns
+``combiner: select`` into ``gate`` reuses its gate (the candidate ``select`` fitted and
+scored on the same heads, seeds and rows, and reported beside the ensemble).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from pathlib import Path
 
 from pipeline.params import FitParams
 from stages.fit.run import TaskSkipped, fit_settings, fit_task, head_memo
+from stages.fit.select import GATE_NAME
 from stages.fit.tasks import TASKS
 
 
@@ -28,8 +31,7 @@ def compare_variants(params: FitParams, variants: dict[str, dict], tasks: list[s
         memo = head_memo(params, cache_dir)  # the fit stage's heads, and each other's
         for name, overrides in variants.items():
             fit = dataclasses.replace(params, **overrides)
-            reused = _fitted(Path(params.metrics) / f"{task}.json", fit) if fit == params \
-                else None
+            reused = _fitted(Path(params.metrics) / f"{task}.json", params, fit)
             if reused is not None:
                 entry["variants"][name] = reused
                 continue
@@ -44,12 +46,19 @@ def compare_variants(params: FitParams, variants: dict[str, dict], tasks: list[s
     return result
 
 
-def _fitted(path: Path, fit: FitParams) -> dict | None:
-    """The fit stage's ensemble metrics, if ``path`` was made with every one of these fit
-    settings (any other, e.g. ``hidden``, ``lr`` or ``loss``, changes the ensemble)."""
+def _fitted(path: Path, params: FitParams, fit: FitParams) -> dict | None:
+    """The variant ``fit``'s ensemble metrics from the fit stage's ``path``, if that was made
+    with every one of the fit stage's settings ``params`` (any other, e.g. ``hidden``, ``lr``
+    or ``loss``, changes the ensemble) and holds this variant: the ensemble itself, or the
+    gate where the variant only makes ``select``'s gate the combiner."""
     if not path.exists():
         return None
     metrics = json.loads(path.read_text())
-    same = (metrics.get("settings") == json.loads(json.dumps(fit_settings(fit)))
-            and metrics.get("seeds") == list(range(fit.seeds)))
-    return metrics["methods"]["ensemble"] if same and metrics.get("methods") else None
+    if (metrics.get("settings") != json.loads(json.dumps(fit_settings(params)))
+            or metrics.get("seeds") != list(range(params.seeds)) or not metrics.get("methods")):
+        return None
+    if fit == params:
+        return metrics["methods"]["ensemble"]
+    if params.combiner == "select" and fit == dataclasses.replace(params, combiner=GATE_NAME):
+        return metrics["methods"].get(GATE_NAME)
+    return None
