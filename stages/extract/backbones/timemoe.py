@@ -189,8 +189,9 @@ class TimeMoE(nn.Module):
 
 @register("timemoe")
 class TimeMoEBackbone(Backbone):
+    # the demo's shape; one head keeps the published head width (TimeMoE-50M: 384 / 12)
     defaults = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
-                "num_attention_heads": 4, "num_key_value_heads": 4, "num_experts": 4,
+                "num_attention_heads": 1, "num_key_value_heads": 1, "num_experts": 4,
                 "num_experts_per_tok": 2, "input_size": 1, "horizon_lengths": [1, 8],
                 "rope_theta": 10000.0, "rms_norm_eps": 1e-6, "use_dense": False}
     hub_example = "a hub id (e.g. Maple728/TimeMoE-50M) or a local folder"
