@@ -25,7 +25,7 @@ from stages.fit.combine import (
 )
 from stages.fit.crossfit import cross_fit_probe, group_folds
 from stages.fit.features import GATE, FeatureSource
-from stages.fit.model import ModelConfig
+from stages.fit.model import Bag, ModelConfig, make_head
 from stages.fit.probes import linear_probe
 from stages.fit.run import cv_rows, fit_task
 from stages.fit.train import Objective
@@ -116,6 +116,37 @@ def _spy_heads(monkeypatch) -> tuple[list[list[set]], list[tuple]]:
     monkeypatch.setattr(crossfit, "predict_banks", spy_predict)
     monkeypatch.setattr(run, "cross_fit", spy_cross)
     return plans, calls
+
+
+def test_each_expert_is_deployed_as_its_fold_heads_averaged(noisy, monkeypatch):
+    """No head is refitted on every training row (a sixth more training): an expert's
+    deployed head is the bag of its cross-fitting folds' heads, each fitted without one
+    fold, answering with their average, and the model file rebuilds it."""
+    root, _, _ = noisy
+    plans: list[list[set]] = []
+    real_train = crossfit.train_banks
+
+    def spy_train(banks, reader, criterion, train, val, **kw):
+        plans.append([set(rows.tolist()) for rows in train])
+        return real_train(banks, reader, criterion, train, val, **kw)
+
+    monkeypatch.setattr(crossfit, "train_banks", spy_train)
+    result = fit_task("rr", _params(evaluation="split", bootstrap=0), root / "cohort.parquet",
+                      root / "cache", baselines=False)
+    train = set(np.flatnonzero(pq.read_table(root / "cohort.parquet")["split"].to_numpy()
+                               == "train").tolist())
+    assert len(plans[0]) == 4 * 3  # experts x folds, nothing more
+    assert all(fitted < train for fitted in plans[0])  # each leaves a fold out
+    assert result.config.bag == 3
+    model = next(iter(result.models.values()))["model"]
+    for head in model.heads.values():
+        assert isinstance(head, Bag) and len(head.heads) == 3
+        x = torch.randn(7, head.heads[0].d_in)
+        with torch.no_grad():
+            torch.testing.assert_close(head(x), torch.stack([h(x) for h in head.heads]).mean(0))
+            loaded = make_head(head.heads[0].d_in, 1, result.config)
+            loaded.load_state_dict(head.state_dict())
+            torch.testing.assert_close(loaded.eval()(x), head(x))
 
 
 @pytest.mark.parametrize("combiner", ["select", "gate"])

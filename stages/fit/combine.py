@@ -1,9 +1,9 @@
 """Ways to combine fitted experts' outputs: the MoE gate and the paper's Table 3 baselines.
 
 Every combiner here sees expert *outputs* that were not fitted on the rows it learns from:
-out-of-fold outputs on the training split (see ``stages.fit.crossfit``) and the refitted
-heads' outputs on validation. Outputs are in the heads' space: standardised values (n, E, 1)
-for regression, class probabilities (n, E, C) for classification.
+out-of-fold outputs on the training split (see ``stages.fit.crossfit``) and the fold
+heads' averaged outputs on validation. Outputs are in the heads' space: standardised values
+(n, E, 1) for regression, class probabilities (n, E, C) for classification.
 
 * ``fit_weightings``: softmax weighting networks trained on those outputs. Fed the cached
   lead subset (``gate_inputs``) it is the EnECG/ECG-MoE gate; fed the experts' own

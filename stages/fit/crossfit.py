@@ -3,10 +3,10 @@
 Stacked generalisation: a combiner may only learn from expert outputs on rows the expert
 was not fitted on. ``cross_fit`` trains each head K times on the training split, each time
 without one fold of subjects, and keeps its predictions on the left-out fold
-(out-of-fold, OOF); then it refits the head on the whole training split for validation,
-test and deployment. A gate trained on in-sample outputs learns to trust the heads that
-memorise training rows best, which on 200 real ECGs made the ensemble ~8x worse than its
-best expert.
+(out-of-fold, OOF); the K heads together (``model.Bag``, their outputs averaged) answer
+for validation, test and deployment. A gate trained on in-sample outputs learns to trust
+the heads that memorise training rows best, which on 200 real ECGs made the ensemble ~8x
+worse than its best expert.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from stages.fit.bank import (
 )
 from stages.fit.combine import Linear
 from stages.fit.features import FeatureSource
-from stages.fit.model import ModelConfig
+from stages.fit.model import Bag, Head, ModelConfig
 from stages.fit.probes import robust_linears
 from stages.fit.train import JointObjective, Objective, activate, heads_criterion, linear_targets
 
@@ -67,10 +67,10 @@ def group_folds(groups: np.ndarray, k: int, seed: int, strata: np.ndarray | None
 @dataclass
 class ExpertFit:
     """One expert's outputs in head space, indexed by cohort row (N, k): out-of-fold on
-    the training rows, from the refitted head elsewhere; and the refitted head itself."""
+    the training rows, from the folds' heads together elsewhere; and those heads."""
 
     outputs: np.ndarray
-    head: torch.nn.Module
+    head: Head | Bag
 
 
 @dataclass
@@ -90,10 +90,11 @@ def cross_fit(jobs: list[Job], splits: list[Split], source: FeatureSource,
               subjects: np.ndarray, d_out: int, config: ModelConfig, params: FitParams,
               seed: int, device: torch.device) -> dict[Job, ExpertFit]:
     """For each job (expert, seed, split): OOF outputs on the split's training rows over
-    ``params.oof_folds`` subject folds, then the head refitted on all of them; the split's
-    validation rows drive early stopping throughout.
+    ``params.oof_folds`` subject folds, and the folds' heads together (``Bag``) on the
+    split's other rows; the split's validation rows drive early stopping throughout. (A
+    training split of one subject has no folds: one head fits it, without OOF outputs.)
 
-    Every job's (folds + 1) heads are members of one ``Banks`` (a bank per expert, holding
+    Every job's fold heads are members of one ``Banks`` (a bank per expert, holding
     that expert's jobs) trained in one pass over the training rows of every split
     (``stages.fit.bank``): the seeds of a fixed split, and the folds of cross-validation
     with them. Batches are scaled with ``source.scaling``; a member whose split scales
@@ -101,21 +102,18 @@ def cross_fit(jobs: list[Job], splits: list[Split], source: FeatureSource,
     and its heads' initialisation come from its own seed; ``seed`` shuffles the batches.
     """
     members: dict[Job, list[tuple[np.ndarray, np.ndarray]]] = {}
-    for job in jobs:  # (rows fitted on, rows predicted) per member
-        rows = splits[job[2]].rows
-        train_rows = rows["train"]
-        others = np.concatenate([r for s, r in rows.items() if s != "train"])
+    for job in jobs:  # (rows fitted on, its out-of-fold rows) per member
+        train_rows = splits[job[2]].rows["train"]
         folds = group_folds(subjects[train_rows], params.oof_folds, job[1])
         members[job] = [(train_rows[folds != f], train_rows[folds == f])
                         for f in range(folds.max() + 1) if (folds != f).any()]
-        members[job].append((train_rows, others))
+        members[job] = members[job] or [(train_rows, train_rows[:0])]
     names = list(dict.fromkeys(job[0] for job in jobs))
     by_expert = {b: [job for job in jobs if job[0] == b] for b in names}
     dims = source.dims()
     banks = Banks({b: HeadBank(dims[b], d_out, config, [
-        job[1] * 1000 + (m if m < len(members[job]) - 1 else 999)
-        for job in by_expert[b] for m in range(len(members[job]))]) for b in names},
-        bf16=params.bf16)
+        job[1] * 1000 + m for job in by_expert[b] for m in range(len(members[job]))])
+        for b in names}, bf16=params.bf16)
     order = [job for b in names for job in by_expert[b]]  # the members' order in ``banks``
     fitted = [f for job in order for f, _ in members[job]]
     groups = np.array([job[2] for job in order for _ in members[job]])
@@ -138,17 +136,20 @@ def cross_fit(jobs: list[Job], splits: list[Split], source: FeatureSource,
                 weight_decay=params.weight_decay, batch_size=params.batch_size,
                 max_epochs=params.max_epochs, patience=params.patience, seed=seed)
     every = np.unique(np.concatenate([r for split in splits for r in split.rows.values()]))
-    out = activate(objectives[0], predict_banks(banks, reader, every, params.batch_size))
-    out = out.float().cpu().numpy()
+    raw = predict_banks(banks, reader, every, params.batch_size).float().cpu()
     banks.cpu()
     result, start = {}, 0
     for job in order:
+        n, first = len(members[job]), start - banks.offsets()[job[0]]
         outputs = np.zeros((source.n_rows, d_out), dtype=np.float32)
-        for m, (_, predicted) in enumerate(members[job]):
-            outputs[predicted] = out[start + m, np.searchsorted(every, predicted)]
-        last = start + len(members[job]) - 1 - banks.offsets()[job[0]]
-        result[job] = ExpertFit(outputs, banks.banks[job[0]].export(last))
-        start += len(members[job])
+        for m, (_, held) in enumerate(members[job]):
+            outputs[held] = activate(objectives[0], raw[start + m, np.searchsorted(every, held)])
+        others = np.concatenate([r for s, r in splits[job[2]].rows.items() if s != "train"])
+        outputs[others] = activate(objectives[0], raw[start: start + n].mean(0)[
+            np.searchsorted(every, others)])
+        heads = [banks.banks[job[0]].export(first + m) for m in range(n)]
+        result[job] = ExpertFit(outputs, heads[0] if n == 1 else Bag(heads).eval())
+        start += n
     return result
 
 
@@ -158,8 +159,7 @@ def _start_linear_paths(banks: Banks, order: list[Job],
                         ) -> None:
     """Start every regression output's linear path at ``robust_linears``' map of its
     member's training rows, scaled as its split scales them. The members of one expert
-    and split (the folds of each seed, and the refit the seeds share) are fitted in one
-    call on the split's design."""
+    and split (the folds of every seed) are fitted in one call on the split's design."""
     position, at = {}, dict.fromkeys(banks.banks, 0)  # (job, m) -> member of its bank
     for job in order:
         for m in range(len(members[job])):
@@ -169,7 +169,7 @@ def _start_linear_paths(banks: Banks, order: list[Job],
         jobs = [job for job in order if job[0] == name and job[2] == index]
         a, c = input_affine(source.scaling[name], splits[index].scaling[name])
         for column, y, labelled in linear_targets(splits[index].objective):
-            sets = {}  # a refit's rows recur across seeds: fitted once
+            sets = {}  # a row set recurring across seeds is fitted once
             for job in jobs:
                 for rows, _ in members[job]:
                     rows = rows if labelled is None else rows[labelled[rows]]

@@ -5,7 +5,7 @@ A head's training is most of a fit's time, and most fits repeat heads an earlier
 trained: ``pipeline compare`` refits the fit stage's experts under other gates, a sweep over
 gate or combiner settings keeps every head, a re-run after an interrupted ``dvc repro``
 keeps them all. ``HeadMemo`` keeps each cross-fitted expert (``ExpertFit``: out-of-fold and
-held-out outputs, and the refitted head), and each cross-fitted linear probe, under a key
+held-out outputs, and its fold heads), and each cross-fitted linear probe, under a key
 that holds everything it depends on: the task's targets, the split's rows, the seed, every
 head setting, the expert's cache fingerprint (weights, cohort) and the source of
 ``stages/fit``. Another value of any of them is another key; nothing is ever reused across
@@ -19,6 +19,7 @@ import hashlib
 import json
 import logging
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import TypeVar
 
@@ -28,7 +29,7 @@ import torch
 from pipeline.staging import staged_file
 from stages.fit.combine import Linear
 from stages.fit.crossfit import ExpertFit, ProbeFit
-from stages.fit.model import ModelConfig, make_head
+from stages.fit.model import ModelConfig, bag_size, make_head
 
 log = logging.getLogger(__name__)
 FOLDER = "heads"
@@ -75,13 +76,15 @@ class HeadMemo:
         """The expert stored under ``key`` (its head built with ``config``, which the key
         holds), or None."""
         def build(saved: dict) -> ExpertFit:
-            head = make_head(saved["d_in"], saved["d_out"], config)
+            head = make_head(saved["d_in"], saved["d_out"],
+                             replace(config, bag=saved.get("bag", 1)))
             head.load_state_dict(saved["head"])
             return ExpertFit(saved["outputs"].numpy(), head.eval())
         return self._get(key, build)
 
     def put(self, key: str, fit: ExpertFit, d_in: int) -> None:
         self._put(key, fit, lambda: {"d_in": d_in, "d_out": int(fit.outputs.shape[1]),
+                                     "bag": bag_size(fit.head),
                                      "outputs": _tensor(fit.outputs),
                                      "head": fit.head.state_dict()})
 

@@ -18,7 +18,7 @@ distribution and its log is the loss input.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import torch
 from peft import LoraConfig, get_peft_model
@@ -37,6 +37,7 @@ class ModelConfig:
     gate_hidden: int = 64
     gate_mode: str = "per_expert"  # per_expert | per_output
     skip: bool = True
+    bag: int = 1  # heads averaged per expert: its cross-fitting folds' (``Bag``)
 
     def __post_init__(self) -> None:
         if self.adapter not in ("lora", "full"):
@@ -74,13 +75,37 @@ class Head(nn.Module):
         return out if self.skip is None else out + self.skip(x)
 
 
-def make_head(d_in: int, d_out: int, config: ModelConfig) -> Head:
-    return Head(d_in, d_out, config)
+class Bag(nn.Module):
+    """One expert's heads deployed together, their raw outputs (values, or logits) averaged:
+    the heads of its cross-fitting folds, each fitted without one fold of subjects. They
+    are trained anyway for the out-of-fold outputs; a further head refitted on every
+    training row cost a sixth more training, and on the demo the fold heads' average had
+    the lower test loss for 17 of 20 experts and seeds."""
+
+    def __init__(self, heads: list[Head]):
+        super().__init__()
+        self.heads = nn.ModuleList(heads)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.stack([head(x) for head in self.heads]).mean(0)
 
 
-def head_columns(head: Head, columns: slice) -> Head:
+def make_head(d_in: int, d_out: int, config: ModelConfig) -> Head | Bag:
+    """An expert's head as ``config`` describes it: one, or a ``Bag`` of ``config.bag``."""
+    if config.bag == 1:
+        return Head(d_in, d_out, config)
+    return Bag([Head(d_in, d_out, replace(config, bag=1)) for _ in range(config.bag)])
+
+
+def bag_size(head: Head | Bag) -> int:
+    return len(head.heads) if isinstance(head, Bag) else 1
+
+
+def head_columns(head: Head | Bag, columns: slice) -> Head | Bag:
     """The head answering only outputs ``columns`` (one task's of a multi-task head): the
     same trunk, its output layer and linear path cut to those rows."""
+    if isinstance(head, Bag):
+        return Bag([head_columns(h, columns) for h in head.heads]).eval()
     part = Head(head.d_in, columns.stop - columns.start, head.config)
     shapes = {name: value.shape for name, value in part.state_dict().items()}
     state = {name: value if value.shape == shapes[name] else value[columns]

@@ -6,8 +6,8 @@ the single-task heads) every task shares, with an output layer and linear path p
 trained on every row labelled for any task, each task's loss counting only its own labelled
 rows (``stages.fit.train.JointObjective``), so a partly labelled cohort trains one model.
 These heads are cross-fitted in one batched pass like the single-task heads (out-of-fold
-outputs on the training rows, then refitted; kept in the head store), and each task then
-gets from its columns what a single-task fit gets from its own heads
+outputs on the training rows, the fold heads averaged elsewhere; kept in the head store),
+and each task then gets from its columns what a single-task fit gets from its own heads
 (``stages.fit.run.fit_split``): its combiner chosen by cross-validated loss (the gate,
 stacking, one expert, ...), evaluated on the fixed test split or, on cohorts of at most
 ``cv_max_ecgs`` ECGs labelled for any task, by subject-grouped cross-validation. Rows and

@@ -2,10 +2,10 @@
 
 Per seed, from the same cached features and the same subject-level rows:
 * every expert's head is cross-fitted (``stages.fit.crossfit``): out-of-fold outputs on
-  the training rows, then refitted on all of them;
+  the training rows, the fold heads averaged (``Bag``) on the others;
 * ``ensemble``: the combiner chosen by cross-validated loss on those out-of-fold outputs
   (``stages.fit.select``: an expert, an average, stacking or the MoE gate; with
-  ``combiner: gate`` always the gate), mixing the refitted heads; ``gate``: the MoE gate;
+  ``combiner: gate`` always the gate), mixing the experts' bags; ``gate``: the MoE gate;
 * baselines (EnECG's Table 3 and the usual ones): each expert alone (``<backbone>``), its
   linear probe (``probe_<backbone>``), ``uniform`` average, ``greedy`` selection on
   validation, ``confidence`` weighting (classification), the sample-aware
@@ -55,7 +55,7 @@ from stages.fit.crossfit import (
 )
 from stages.fit.features import GATE, FeatureSource, load_features
 from stages.fit.head_store import FOLDER, HeadMemo, array_digest, head_key
-from stages.fit.model import Ensemble, ModelConfig
+from stages.fit.model import Ensemble, ModelConfig, bag_size
 from stages.fit.probes import linear_probe
 from stages.fit.select import (
     GATE_NAME,
@@ -154,7 +154,7 @@ class SplitFit:
 
     rows: dict[str, np.ndarray]
     methods: dict[str, _Method]
-    experts: np.ndarray  # refitted heads' outputs on test, (n_test, E, k)
+    experts: np.ndarray  # the experts' (bagged heads') outputs on test, (n_test, E, k)
     gate: np.ndarray  # the gate's weights on test, (n_test, E)
     model: Ensemble
     scale: dict
@@ -695,10 +695,13 @@ def fit_task(task_name: str, params: FitParams, cohort_path: Path, cache_dir: Pa
         "settings": fit_settings(params),
     }
     dims = {b: source.dims()[b] for b in names}
+    config = _model_config(params)
+    if final is not None:  # heads per expert: the bag of its cross-fitting folds
+        config = dataclasses.replace(config, bag=bag_size(final.model.heads[names[0]]))
     scale = final.scale if final is not None else {}
     scaling = final.scaling if final is not None else {}
     return FitResult(metrics, pd.concat(predictions, ignore_index=True), models, scale,
-                     targets.classes, source.fingerprints, _model_config(params), dims,
+                     targets.classes, source.fingerprints, config, dims,
                      source.dims()[GATE], scaling)
 
 
