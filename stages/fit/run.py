@@ -60,6 +60,7 @@ from stages.fit.probes import linear_probe
 from stages.fit.select import (
     GATE_NAME,
     PROBE,
+    STACKING,
     Combiners,
     Fitted,
     Job,
@@ -426,7 +427,10 @@ def fit_split(task: Task, targets: Targets, source: FeatureSource, rows: dict[st
     elif params.combiner == "select":
         per_row, scored, fitted = cross_validated_losses(
             learners, rows["train"], subjects, objective, params.oof_folds, seed * 100 + 70,
-            also={GATE_NAME: (rows["train"], evaluated)})
+            # the kept fits of the combiners reported anyway join their selection folds'
+            # solve (the stacker's logistic path is one batched solve either way)
+            also={name: (rows["train"], evaluated) for name in
+                  [GATE_NAME, *([STACKING] if baselines else [])] if name in learners})
         choice = choose(per_row, subjects[scored], GATE_NAME, params.combiner_alpha)
         losses = {name: float(loss.mean()) for name, loss in per_row.items()}
     else:
@@ -435,7 +439,7 @@ def fit_split(task: Task, targets: Targets, source: FeatureSource, rows: dict[st
         fitted[choice] = learners[choice]([(rows["train"], evaluated)])[0]
     shown = [GATE_NAME] if len(names) > 1 else []  # the gate's weights are always reported
     if baselines and len(names) > 1:
-        shown.append("stacking")
+        shown.append(STACKING)
     for name in shown:
         if name not in fitted:
             fitted[name] = learners[name]([(rows["train"], evaluated)])[0]

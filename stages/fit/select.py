@@ -38,7 +38,7 @@ from stages.fit.head_store import array_digest
 from stages.fit.model import Gate, ModelConfig
 from stages.fit.train import Objective
 
-GATE_NAME, MEDIAN, UNIFORM, PROBE = "gate", "median", "uniform", "probe_"
+GATE_NAME, MEDIAN, UNIFORM, PROBE, STACKING = "gate", "median", "uniform", "probe_", "stacking"
 
 
 @dataclass
@@ -102,7 +102,7 @@ class Combiners:
             learners[UNIFORM] = _each(self._fixed(
                 np.full(len(self.experts), 1 / len(self.experts)), UNIFORM))
             learners["greedy"] = _each(self._greedy)
-            learners["stacking"] = self._stacking
+            learners[STACKING] = self._stacking
             learners[GATE_NAME] = self._gate
         self.learners = learners
 
@@ -141,7 +141,7 @@ class Combiners:
                            self.balanced).fit_many(
             self.stacked[union], y[union], masks, self.stacked[self.val_rows],
             y[self.val_rows], self.objective)
-        return [Fitted({"name": "stacking", "stacker": stacker.state},
+        return [Fitted({"name": STACKING, "stacker": stacker.state},
                        [stacker.predict(self.stacked[r]) for r in targets])
                 for stacker, (_, targets) in zip(stackers, jobs, strict=True)]
 
@@ -193,7 +193,8 @@ def cross_validated_losses(learners: dict[str, Learner], train_rows: np.ndarray,
                            ) -> tuple[dict[str, np.ndarray], np.ndarray, dict[str, Fitted]]:
     """Each learner's training loss per row on subject folds of ``train_rows`` it was not
     fitted on, and those rows (folds with no rows left to fit on are skipped); with
-    ``also``, one more job per named learner fitted in the same call (the gate kept)."""
+    ``also``, one more job per named learner fitted in the same call (the gate or the
+    stacker kept)."""
     jobs = selection_jobs(train_rows, subjects, folds, seed)
     rows = np.concatenate([targets[0] for _, targets in jobs])
     y = objective.y[rows]
