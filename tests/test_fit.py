@@ -170,6 +170,22 @@ def test_saved_models_refuse_other_features(fake, tmp_path):
         load_model(path, changed)
 
 
+def test_a_model_saved_before_bags_loads_with_one_head_per_expert(tmp_path):
+    """Model files written before an expert was its fold heads' bag have no ``bag`` in
+    their configuration and one head per expert in their weights: they still load."""
+    config = ModelConfig(hidden=8, lora_r=2)
+    model = Ensemble({"a": 4, "b": 3}, 5, 1, False, config).eval()
+    described = config.describe()
+    del described["bag"]
+    torch.save({"task": "rr", "classes": [], "dims": {"a": 4, "b": 3}, "gate_dim": 5,
+                "model_config": described, "fingerprints": {},
+                "state_dict": model.state_dict()}, tmp_path / "seed0.pt")
+    loaded, _ = load_model(tmp_path / "seed0.pt", {})
+    features, gate = {"a": torch.randn(6, 4), "b": torch.randn(6, 3)}, torch.randn(6, 5)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(features, gate)[0], model(features, gate)[0])
+
+
 def test_streaming_features_give_a_working_model(fake):
     root, _ = fake
     metrics = fit_task("rr", _params(seeds=1, max_memory_gb=0.0), root / "cohort.parquet",
