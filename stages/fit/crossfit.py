@@ -145,8 +145,8 @@ def cross_fit(jobs: list[Job], splits: list[Split], source: FeatureSource,
         for m, (_, held) in enumerate(members[job]):
             outputs[held] = activate(objectives[0], raw[start + m, np.searchsorted(every, held)])
         others = np.concatenate([r for s, r in splits[job[2]].rows.items() if s != "train"])
-        outputs[others] = activate(objectives[0], raw[start: start + n].mean(0)[
-            np.searchsorted(every, others)])
+        outputs[others] = activate(objectives[0], raw[start: start + n,
+                                                      np.searchsorted(every, others)].mean(0))
         heads = [banks.banks[job[0]].export(first + m) for m in range(n)]
         result[job] = ExpertFit(outputs, heads[0] if n == 1 else Bag(heads).eval())
         start += n
