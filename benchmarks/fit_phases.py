@@ -54,7 +54,7 @@ def _timed(owner: object, name: str, label: str) -> None:
 
 def _instrument() -> None:
     _timed(run, "cross_fit", "heads")
-    _timed(run, "cross_fit_probe", "probes")
+    _timed(run, "cross_fit_probes", "probes")
     _timed(run, "fit_gates", "gate")
     _timed(select.Combiners, "_stacking", "stacking")
     _timed(run, "_weight_generators", "weight generator")

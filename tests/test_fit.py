@@ -430,17 +430,17 @@ def _count_heads(monkeypatch) -> list[str]:
 
 
 def _count_probes(monkeypatch) -> list[str]:
-    """The experts of every linear probe ``cross_fit_probe`` fits from here on."""
+    """The experts of every linear probe ``cross_fit_probes`` fits from here on."""
     import stages.fit.run as run
 
     probed: list[str] = []
-    real = run.cross_fit_probe
+    real = run.cross_fit_probes
 
-    def counting(name, *args, **kwargs):
-        probed.append(name)
-        return real(name, *args, **kwargs)
+    def counting(jobs, *args, **kwargs):
+        probed.extend(job.name for job in jobs)
+        return real(jobs, *args, **kwargs)
 
-    monkeypatch.setattr(run, "cross_fit_probe", counting)
+    monkeypatch.setattr(run, "cross_fit_probes", counting)
     return probed
 
 

@@ -7,8 +7,8 @@ import pytest
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.linear_model import LogisticRegression
 
-from stages.fit.combine import CS, Linear, logistic_path, loss_per_row
-from stages.fit.logistic import LogisticFits
+from stages.fit.combine import CS, Linear, PathGroup, logistic_path, logistic_paths, loss_per_row
+from stages.fit.logistic import LogisticFits, fit_together
 from stages.fit.train import Objective
 
 
@@ -140,3 +140,49 @@ def test_rows_of_one_class_predict_that_class():
     (state,) = logistic_path(x, y, mask[None], x, y, 2, False, Objective(y, True))
     assert state == {"classes": [1], "prior": [1.0]}
     assert (Linear(state, True, 2).predict(x)[:, 1] == 1).all()
+
+
+def _designs(n_classes: int):
+    """Four designs of other heights, widths (one wider than tall) and problem counts (one
+    split in two, one padded)."""
+    out = []
+    for seed, (n, d, problems) in enumerate([(300, 20, 4), (120, 40, 1), (60, 90, 2),
+                                             (80, 10, 2)]):
+        x, y = _data(n_classes, n=n, d=d, seed=10 + seed)
+        masks = np.random.default_rng(seed).random((problems, n)) < 0.8
+        out.append((x, y, masks))
+    return out
+
+
+@pytest.mark.parametrize("n_classes", [2, 4])
+def test_designs_solved_together_get_the_fits_each_gets_alone(n_classes):
+    """Padding (rows, axes, problems) changes no fit: each design's problems end where
+    they end solved on their own."""
+    designs = _designs(n_classes)
+    fits = [LogisticFits(x, y, n_classes, True) for x, y, _ in designs]
+    cs = [np.linspace(0.1, 2.0, len(m)) for _, _, m in designs]
+    together, _ = fit_together(fits, [m for _, _, m in designs], cs, tolerance=1e-9)
+    for fit, (x, _, masks), c, states in zip(fits, designs, cs, together, strict=True):
+        alone, _ = fit.fit(masks, c, tolerance=1e-9)
+        assert len(states) == len(masks)
+        for a, b in zip(alone, states, strict=True):
+            assert a["classes"] == b["classes"]
+            np.testing.assert_allclose(Linear(b, True, n_classes).predict(x),
+                                       Linear(a, True, n_classes).predict(x), atol=1e-6)
+
+
+@pytest.mark.parametrize("n_classes", [2, 4])
+def test_paths_of_several_designs_choose_as_each_path_alone(n_classes):
+    groups = []
+    for x, y, masks in _designs(n_classes):
+        half = len(y) // 2
+        groups.append(PathGroup(x[:half], y[:half], masks[:, :half], x[half:], y[half:],
+                                Objective(y[:half], True)))
+    together = logistic_paths(groups, n_classes, False)
+    for group, states in zip(groups, together, strict=True):
+        alone = logistic_path(group.x, group.y, group.masks, group.x_val, group.y_val,
+                              n_classes, False, group.objective)
+        for a, b in zip(alone, states, strict=True):
+            np.testing.assert_allclose(Linear(b, True, n_classes).predict(group.x_val),
+                                       Linear(a, True, n_classes).predict(group.x_val),
+                                       atol=2e-4)

@@ -23,7 +23,7 @@ from stages.fit.combine import (
     fixed_mixture,
     greedy_weights,
 )
-from stages.fit.crossfit import cross_fit_probe, group_folds
+from stages.fit.crossfit import ProbeJob, cross_fit_probes, group_folds
 from stages.fit.features import GATE, FeatureSource
 from stages.fit.model import Bag, ModelConfig, make_head
 from stages.fit.probes import linear_probe
@@ -334,7 +334,8 @@ def test_linear_probe_reads_a_linear_feature():
     _, out = linear_probe("x", source, _objective(y), rows, 1, False)
     np.testing.assert_allclose(out["test"][:, 0], y[250:], atol=0.02)
     subjects = np.array([f"s{i // 3}" for i in range(300)])
-    crossed = cross_fit_probe("x", source, _objective(y), rows, subjects, 1, False, 4, 0)
+    (crossed,) = cross_fit_probes([ProbeJob("x", rows, _objective(y), 0)], source, subjects, 1,
+                                  False, 4)
     np.testing.assert_allclose(crossed.outputs[250:], out["test"])  # refitted on all train
     np.testing.assert_allclose(crossed.outputs[:200, 0], y[:200], atol=0.02)  # out of fold
     assert not np.allclose(crossed.outputs[:200], crossed.linear.predict(

@@ -26,7 +26,7 @@ import torch
 
 from stages.fit.bank import Banks, Criterion, GateBank, Reader, predict_banks, train_banks
 from stages.fit.features import FeatureSource
-from stages.fit.logistic import LogisticFits
+from stages.fit.logistic import LogisticFits, fit_together
 from stages.fit.model import ModelConfig, mix
 from stages.fit.train import Objective
 
@@ -212,6 +212,19 @@ def ridge_gcv(x: np.ndarray, y: np.ndarray, alphas: np.ndarray = ALPHAS
     return coef, float(y_mean - x_mean @ coef)
 
 
+@dataclass
+class PathGroup:
+    """Logistic fits on one design: the rows ``masks`` (P, n) of ``x``, each with the C of
+    lowest loss (``objective``'s) on ``(x_val, y_val)``."""
+
+    x: np.ndarray
+    y: np.ndarray
+    masks: np.ndarray
+    x_val: np.ndarray
+    y_val: np.ndarray
+    objective: Objective
+
+
 class Linear:
     """A fitted linear model kept as plain arrays (``state``), so a saved ensemble needs no
     pickled estimator: ridge (regression) or logistic regression (classification)."""
@@ -232,11 +245,20 @@ class Linear:
                  ) -> list[Linear]:
         """``fit`` on the rows of each mask (P, n) of one design: the logistic fits are
         solved together (``stages.fit.logistic``)."""
-        if not objective.classification:
-            return [cls({"coef": coef.tolist(), "intercept": [intercept]}, False, 1)
-                    for coef, intercept in (ridge_gcv(x[m], y[m]) for m in masks)]
-        states = logistic_path(x, y, masks, x_val, y_val, n_classes, balanced, objective)
-        return [cls(state, True, n_classes) for state in states]
+        return cls.fit_groups([PathGroup(x, y, masks, x_val, y_val, objective)], n_classes,
+                              balanced)[0]
+
+    @classmethod
+    def fit_groups(cls, groups: list[PathGroup], n_classes: int, balanced: bool
+                   ) -> list[list[Linear]]:
+        """``fit_many`` of several designs (each group's objective says which kind); the
+        logistic fits of all of them are solved together."""
+        if not groups[0].objective.classification:
+            return [[cls({"coef": coef.tolist(), "intercept": [intercept]}, False, 1)
+                     for coef, intercept in (ridge_gcv(g.x[m], g.y[m]) for m in g.masks)]
+                    for g in groups]
+        return [[cls(state, True, n_classes) for state in states]
+                for states in logistic_paths(groups, n_classes, balanced)]
 
     def predict(self, x: np.ndarray) -> np.ndarray:
         """Values (n, 1), or probabilities over all ``n_classes`` (absent classes get 0)."""
@@ -269,27 +291,20 @@ class Stacker:
         self.state: dict[str, list] = {}
 
     @staticmethod
-    def _design(outputs: np.ndarray, classification: bool) -> np.ndarray:
+    def design(outputs: np.ndarray, classification: bool) -> np.ndarray:
+        """The stacker's inputs: experts' outputs (n, E, k) flattened, as log-probabilities
+        for classes."""
         x = np.log(np.clip(outputs, 1e-6, None)) if classification else outputs
         return x.reshape(len(x), -1)
 
     def fit(self, outputs: np.ndarray, y: np.ndarray, val_outputs: np.ndarray,
             y_val: np.ndarray, objective: Objective) -> Stacker:
-        self.state = self.fit_many(outputs, y, np.ones((1, len(y)), dtype=bool), val_outputs,
-                                   y_val, objective)[0].state
+        (linear,) = Linear.fit_many(self.design(outputs, self.classification), y,
+                                    np.ones((1, len(y)), dtype=bool),
+                                    self.design(val_outputs, self.classification), y_val,
+                                    objective, self.n_classes, self.balanced)
+        self.state = linear.state
         return self
-
-    def fit_many(self, outputs: np.ndarray, y: np.ndarray, masks: np.ndarray,
-                 val_outputs: np.ndarray, y_val: np.ndarray, objective: Objective
-                 ) -> list[Stacker]:
-        """One stacker per row mask (P, n) of ``outputs``, fitted together."""
-        fitted = []
-        for linear in Linear.fit_many(self._design(outputs, self.classification), y, masks,
-                                      self._design(val_outputs, self.classification), y_val,
-                                      objective, self.n_classes, self.balanced):
-            fitted.append(Stacker.from_state(linear.state, self.classification,
-                                             self.n_classes))
-        return fitted
 
     @classmethod
     def from_state(cls, state: dict, classification: bool, n_classes: int) -> Stacker:
@@ -299,44 +314,62 @@ class Stacker:
 
     def predict(self, outputs: np.ndarray) -> np.ndarray:
         return Linear(self.state, self.classification, self.n_classes).predict(
-            self._design(outputs, self.classification))
+            self.design(outputs, self.classification))
 
 
 def logistic_path(x: np.ndarray, y: np.ndarray, masks: np.ndarray, x_val: np.ndarray,
                   y_val: np.ndarray, n_classes: int, balanced: bool, objective: Objective
                   ) -> list[dict[str, list]]:
-    """Per row mask of ``x``, the logistic regression with the C (from ``CS``) of lowest
-    validation loss, as a ``Linear`` state.
+    """``logistic_paths`` of one design."""
+    return logistic_paths([PathGroup(x, y, masks, x_val, y_val, objective)], n_classes,
+                          balanced)[0]
+
+
+def logistic_paths(groups: list[PathGroup], n_classes: int, balanced: bool
+                   ) -> list[list[dict[str, list]]]:
+    """Per row mask of each group's design, the logistic regression with the C (from ``CS``)
+    of lowest validation loss, as a ``Linear`` state.
 
     The Cs are fitted in increasing order, each warm-started from the last, and a problem's
     path stops once its validation loss rises: weaker penalties only fit the training rows
-    harder, and they are the slow fits. Every problem still on the path is solved together
-    (``stages.fit.logistic``). A problem with one class predicts its prior.
+    harder, and they are the slow fits. Every problem still on the path, of every group,
+    is solved together (``stages.fit.logistic.fit_together``). A problem with one class
+    predicts its prior.
     """
-    states: list[dict[str, list] | None] = [None] * len(masks)
-    going = []
-    for p, mask in enumerate(masks):
-        classes = np.unique(y[mask])
-        if len(classes) < 2:
-            states[p] = {"classes": classes.tolist(), "prior": [1.0] * len(classes)}
-        else:
-            going.append(p)
-    if not going:
-        return states
-    fits = LogisticFits(x, y, n_classes, balanced)
-    best = np.full(len(masks), np.inf)
+    states: list[list[dict[str, list] | None]] = [[None] * len(g.masks) for g in groups]
+    going: list[tuple[int, int]] = []  # (group, problem) still on the path
+    for i, group in enumerate(groups):
+        for p, mask in enumerate(group.masks):
+            classes = np.unique(group.y[mask])
+            if len(classes) < 2:
+                states[i][p] = {"classes": classes.tolist(), "prior": [1.0] * len(classes)}
+            else:
+                going.append((i, p))
+    solving = sorted({i for i, _ in going})
+    fits = [LogisticFits(groups[i].x, groups[i].y, n_classes, balanced) for i in solving]
+    best = [np.full(len(g.masks), np.inf) for g in groups]
     start = None
     for c in sorted(CS):
-        fitted, coef = fits.fit(masks[going], np.full(len(going), c), start)
-        still = []
-        for p, state, at in zip(going, fitted, range(len(going)), strict=True):
-            predicted = Linear(state, True, n_classes).predict(x_val)
-            loss = loss_per_row(predicted, y_val, objective).mean()
-            if loss < best[p]:
-                best[p], states[p] = loss, state
-            if loss <= best[p]:
-                still.append(at)
-        going, start = [going[at] for at in still], coef[still]
         if not going:
             break
+        live = sorted({i for i, _ in going})
+        per_fit = [[p for i, p in going if i == g] for g in live]
+        fitted, coef = fit_together([fits[solving.index(g)] for g in live],
+                                    [groups[g].masks[own] for g, own in
+                                     zip(live, per_fit, strict=True)],
+                                    [np.full(len(own), c) for own in per_fit], start)
+        still = []
+        at = 0
+        for g, own, group_states in zip(live, per_fit, fitted, strict=True):
+            group = groups[g]
+            for p, state in zip(own, group_states, strict=True):
+                predicted = Linear(state, True, n_classes).predict(group.x_val)
+                loss = loss_per_row(predicted, group.y_val, group.objective).mean()
+                if loss < best[g][p]:
+                    best[g][p], states[g][p] = loss, state
+                if loss <= best[g][p]:
+                    still.append(at)
+                at += 1
+        order = [(g, p) for g, own in zip(live, per_fit, strict=True) for p in own]
+        going, start = [order[at] for at in still], coef[still]
     return states

@@ -25,7 +25,7 @@ from stages.fit.bank import (
     predict_banks,
     train_banks,
 )
-from stages.fit.combine import Linear
+from stages.fit.combine import Linear, PathGroup
 from stages.fit.features import FeatureSource
 from stages.fit.model import Bag, Head, ModelConfig
 from stages.fit.probes import robust_linears
@@ -195,30 +195,85 @@ class ProbeFit:
     linear: Linear
 
 
-def cross_fit_probe(name: str, source: FeatureSource, objective: Objective,
-                    rows: dict[str, np.ndarray], subjects: np.ndarray, n_classes: int,
-                    balanced: bool, folds: int, seed: int) -> ProbeFit:
-    """The linear probe cross-fitted like a head, so a combiner may choose it.
+@dataclass
+class ProbeJob:
+    """One linear probe to cross-fit: the expert, its split's rows and objective, and the
+    seed of its folds. Its features are scaled on its training rows."""
 
-    The expert's features are taken (copied and scaled) once for all rows, and the folds'
-    fits and the refit are solved together (``Linear.fit_many``).
+    name: str
+    rows: dict[str, np.ndarray]
+    objective: Objective
+    seed: int
+
+
+def cross_fit_probes(jobs: list[ProbeJob], source: FeatureSource, subjects: np.ndarray,
+                     n_classes: int, balanced: bool, folds: int) -> list[ProbeFit]:
+    """Each job's linear probe cross-fitted like a head, so a combiner may choose it: one
+    fit per subject fold of its training rows (for the out-of-fold outputs) and one on all
+    of them, C chosen on its validation rows.
+
+    An expert's jobs are solved together (``Linear.fit_groups``), one design per distinct
+    (training, validation) rows: the seeds of a fixed split share one, and the folds of
+    cross-validation each have their own. Each design is taken (copied and scaled) once.
     """
-    train_rows, val_rows = rows["train"], rows["val"]
-    every = np.unique(np.concatenate(list(rows.values())))
-    x_all = source.take(every, [name])[name]
+    saved, scalings = source.scaling, {}
+    designs: dict[tuple[str, bytes], _ProbeDesign] = {}
+    try:
+        for job in jobs:
+            rows = job.rows["train"].tobytes() + b"|" + job.rows["val"].tobytes()
+            if (job.name, rows) not in designs:
+                if rows not in scalings:
+                    scalings[rows] = source.scaling_of(job.rows["train"])
+                source.scaling = scalings[rows]
+                designs[job.name, rows] = _ProbeDesign(job, source)
+            designs[job.name, rows].add(job, subjects, folds)
+    finally:
+        source.scaling = saved
+    fitted: dict[int, ProbeFit] = {}
+    for name in dict.fromkeys(job.name for job in jobs):
+        own = [design for (expert, _), design in designs.items() if expert == name]
+        for design, linears in zip(own, Linear.fit_groups([d.group() for d in own],
+                                                          n_classes, balanced), strict=True):
+            for job, held, at in design.jobs:
+                *fold_fits, linear = linears[at: at + len(held) + 1]
+                fitted[id(job)] = design.outputs(job, held, fold_fits, linear,
+                                                 source.n_rows, n_classes)
+    return [fitted[id(job)] for job in jobs]
 
-    def x(r: np.ndarray) -> np.ndarray:
-        return x_all[np.searchsorted(every, r)]
 
-    fold_of = group_folds(subjects[train_rows], folds, seed)
-    held = [fold_of == fold for fold in range(fold_of.max() + 1) if (fold_of != fold).any()]
-    masks = np.array([~h for h in held] + [np.ones(len(train_rows), dtype=bool)])
-    *fold_fits, linear = Linear.fit_many(x(train_rows), objective.y[train_rows], masks,
-                                         x(val_rows), objective.y[val_rows], objective,
-                                         n_classes, balanced)
-    outputs = np.zeros((source.n_rows, n_classes), dtype=np.float32)
-    for h, fitted in zip(held, fold_fits, strict=True):
-        outputs[train_rows[h]] = fitted.predict(x(train_rows[h]))
-    others = np.setdiff1d(every, train_rows)
-    outputs[others] = linear.predict(x(others))
-    return ProbeFit(outputs, linear)
+class _ProbeDesign:
+    """One expert's features on one split's rows, scaled on its training rows, and the
+    probes' row masks on them (each job's folds, then all its training rows)."""
+
+    def __init__(self, job: ProbeJob, source: FeatureSource):
+        self.rows, self.objective = job.rows, job.objective
+        self.every = np.unique(np.concatenate(list(job.rows.values())))
+        self.x = source.take(self.every, [job.name])[job.name]
+        self.masks: list[np.ndarray] = []
+        self.jobs: list[tuple[ProbeJob, list[np.ndarray], int]] = []  # (job, folds, at)
+
+    def take(self, rows: np.ndarray) -> np.ndarray:
+        return self.x[np.searchsorted(self.every, rows)]
+
+    def add(self, job: ProbeJob, subjects: np.ndarray, folds: int) -> None:
+        train_rows = self.rows["train"]
+        fold_of = group_folds(subjects[train_rows], folds, job.seed)
+        held = [fold_of == f for f in range(fold_of.max() + 1) if (fold_of != f).any()]
+        self.jobs.append((job, held, len(self.masks)))
+        self.masks += [~h for h in held] + [np.ones(len(train_rows), dtype=bool)]
+
+    def group(self) -> PathGroup:
+        y = self.objective.y
+        return PathGroup(self.take(self.rows["train"]), y[self.rows["train"]],
+                         np.array(self.masks), self.take(self.rows["val"]),
+                         y[self.rows["val"]], self.objective)
+
+    def outputs(self, job: ProbeJob, held: list[np.ndarray], fold_fits: list[Linear],
+                linear: Linear, n_rows: int, n_classes: int) -> ProbeFit:
+        train_rows = self.rows["train"]
+        outputs = np.zeros((n_rows, n_classes), dtype=np.float32)
+        for h, fold_fit in zip(held, fold_fits, strict=True):
+            outputs[train_rows[h]] = fold_fit.predict(self.take(train_rows[h]))
+        others = np.setdiff1d(self.every, train_rows)
+        outputs[others] = linear.predict(self.take(others))
+        return ProbeFit(outputs, linear)

@@ -174,8 +174,8 @@ def _evaluate(name: str, encoded: Targets, columns: slice, source: FeatureSource
                for (seed, rows), experts in zip(
                    ((seed, rows) for seed, rows_list in folds.items() for rows in rows_list),
                    fitted, strict=True)]
-    ready = iter(zip(planned, prefit_splits(task, encoded, source, planned, subjects, params),
-                     strict=True))
+    prefits = prefit_splits(task, encoded, source, planned, subjects, params, memo)
+    ready = iter(zip(planned, prefits, strict=True))
     for rows_list in folds.values():
         plans = [next(ready) for _ in rows_list]
         fits = [fit_split(task, encoded, source, plan.rows, subjects, params, plan.seed, False,

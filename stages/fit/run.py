@@ -48,9 +48,10 @@ from stages.fit.combine import (
 from stages.fit.crossfit import (
     ExpertFit,
     ProbeFit,
+    ProbeJob,
     Split,
     cross_fit,
-    cross_fit_probe,
+    cross_fit_probes,
     group_folds,
 )
 from stages.fit.features import GATE, FeatureSource, load_features
@@ -64,9 +65,11 @@ from stages.fit.select import (
     Combiners,
     Fitted,
     Job,
+    Stacking,
     choose,
     cross_validated_losses,
     fit_gates,
+    fit_stackers,
     job_key,
     selection_jobs,
 )
@@ -166,13 +169,15 @@ class SplitFit:
 
 @dataclass
 class Prefit:
-    """What ``fit_split`` reads instead of fitting: its feature scaling, its gates (by
-    ``select.job_key``) and its weight generator's mixtures on val and test, trained with
-    every other split's of the task in one pass (``prefit_splits``)."""
+    """What ``fit_split`` reads instead of fitting: its feature scaling, its gates and
+    stackers (by learner and ``select.job_key``), its weight generator's mixtures on val
+    and test and its experts' linear probes (the combiner's candidates), fitted with
+    every other split's of the task together (``prefit_splits``)."""
 
     scaling: dict[str, tuple[np.ndarray, np.ndarray]]
-    gates: dict[str, Fitted]
+    combiners: dict[str, dict[str, Fitted]]
     weight_generator: dict[str, np.ndarray] | None
+    probes: dict[str, ProbeFit]
 
 
 @dataclass
@@ -204,20 +209,24 @@ def _affine(base: tuple[np.ndarray, np.ndarray], own: tuple[np.ndarray, np.ndarr
 
 
 def prefit_splits(task: Task, targets: Targets, source: FeatureSource,
-                  requests: list[SplitRequest], subjects: np.ndarray, params: FitParams
-                  ) -> list[Prefit]:
-    """The gates and weight generators of every split of a task (its seeds and the folds
-    of cross-validation), each kind trained as one bank: alone, each was a few hundred
-    steps of a network too small to keep the cores busy, and a cross-validated fit has
-    eighteen. Each split's networks read its own feature scaling (corrected inside the
-    bank, as ``cross_fit`` does for heads)."""
+                  requests: list[SplitRequest], subjects: np.ndarray, params: FitParams,
+                  memo: HeadMemo) -> list[Prefit]:
+    """The gates, weight generators, stackers and linear probes of every split of a task
+    (its seeds and the folds of cross-validation), each kind fitted together: the networks
+    as one bank (alone, each was a few hundred steps of a network too small to keep the
+    cores busy, and a cross-validated fit has eighteen), the logistic fits as one batched
+    solve (per expert for the probes). Each split's networks read its own feature scaling
+    (corrected inside the bank, as ``cross_fit`` does for heads)."""
     names = list(params.backbones)
     scaled = [r.rows["train"] if r.scaled_on is None else r.scaled_on for r in requests]
     digests = [array_digest(rows) for rows in scaled]
     by_digest = {d: source.scaling_of(rows) for d, rows in zip(digests, scaled, strict=True)}
     scalings = [by_digest[d] for d in digests]
     if len(names) < 2:
-        return [Prefit(scaling, {}, None) for scaling in scalings]
+        return [Prefit(scaling, {}, None, {}) for scaling in scalings]
+    probes = ([{}] * len(requests) if not source.in_memory or params.combiner != "select"
+              else _probes(task, targets, source, [(r.seed, r.rows) for r in requests],
+                           subjects, params, memo))
     base = (scalings[0] if len(by_digest) == 1
             else source.scaling_of(np.unique(np.concatenate(scaled))))
     config, settings = _model_config(params), _gate_settings(params)
@@ -238,9 +247,18 @@ def prefit_splits(task: Task, targets: Targets, source: FeatureSource,
                                        params)
     finally:
         source.scaling = saved
-    return [Prefit(scaling, {job_key(job): fit for job, fit in zip(own, fitted, strict=True)},
-                   generated.get(i))
-            for i, (scaling, own, fitted) in enumerate(zip(scalings, jobs, gates, strict=True))]
+    stacking = [i for i, r in enumerate(requests) if params.combiner == "select" or r.baselines]
+    stackers = dict(zip(stacking, fit_stackers(
+        [Stacking(stacked[i], objectives[i], requests[i].rows["val"], jobs[i])
+         for i in stacking], task.balance_classes), strict=True)) if stacking else {}
+    return [Prefit(scaling, {GATE_NAME: _by_job(own, gates[i]),
+                             STACKING: _by_job(own, stackers[i]) if i in stackers else {}},
+                   generated.get(i), probes[i])
+            for i, (scaling, own) in enumerate(zip(scalings, jobs, strict=True))]
+
+
+def _by_job(jobs: list[Job], fitted: list[Fitted]) -> dict[str, Fitted]:
+    return {job_key(job): fit for job, fit in zip(jobs, fitted, strict=True)}
 
 
 def _weight_generators(source: FeatureSource, requests: list[SplitRequest],
@@ -396,7 +414,7 @@ def fit_split(task: Task, targets: Targets, source: FeatureSource, rows: dict[st
         fits = _task_heads(task, targets, source, [(seed, rows)], subjects, params, memo)[0]
     if prefit is None:
         prefit = prefit_splits(task, targets, source, [
-            SplitRequest(seed, rows, fits, scaled_on, baselines)], subjects, params)[0]
+            SplitRequest(seed, rows, fits, scaled_on, baselines)], subjects, params, memo)[0]
     source.scaling = prefit.scaling
     objective, scale = _objective(task, targets, rows["train"], params)
     config = _model_config(params)
@@ -406,19 +424,10 @@ def fit_split(task: Task, targets: Targets, source: FeatureSource, rows: dict[st
     device = resolve_device(params.device)
     stacked = np.stack([fits[b].outputs for b in names], axis=1)  # (N, E, k)
     raw = {b: {s: stacked[rows[s], i] for s in ("val", "test")} for i, b in enumerate(names)}
-    probes = {}
-    if source.in_memory and len(names) > 1 and params.combiner == "select":
-        scaling = source.scaling
-        if scaled_on is not None:  # a probe scales its features on its own training rows
-            source.fit_scaling(rows["train"])
-        try:
-            probes = {b: _probe(b, task, targets, source, objective, rows, subjects, params,
-                                seed * 100 + k, memo) for k, b in enumerate(names)}
-        finally:
-            source.scaling = scaling
+    probes = prefit.probes
     learners = Combiners(stacked, names, objective, source, rows["val"], config,
                          _gate_settings(params), seed * 100 + 50, params.batch_size,
-                         task.balance_classes, probes, device, prefit.gates).learners
+                         task.balance_classes, probes, device, prefit.combiners).learners
     losses: dict[str, float] = {}
     evaluated = [rows["val"], rows["test"]]
     fitted: dict = {}
@@ -465,21 +474,40 @@ def fit_split(task: Task, targets: Targets, source: FeatureSource, rows: dict[st
                     dict(source.scaling), fitted[choice].spec, losses)
 
 
-def _probe(name: str, task: Task, targets: Targets, source: FeatureSource,
-           objective: Objective, rows: dict[str, np.ndarray], subjects: np.ndarray,
-           params: FitParams, seed: int, memo: HeadMemo) -> ProbeFit:
-    """``cross_fit_probe`` (features scaled on ``rows['train']``), kept in ``memo`` like a
-    head: the fits of other head or gate settings, and the multi-task fit, reuse it."""
-    key = head_key("probe", task.name, labels_digest(targets), source.fingerprints.get(name, {}),
-                   name, seed, _rows_digest(rows), params.inputs.get(name, "features"),
-                   params.loss, params.oof_folds)
-    d_out = _d_out(task, targets)
-    fit = memo.get_probe(key, objective.classification, d_out)
-    if fit is None:
-        fit = cross_fit_probe(name, source, objective, rows, subjects, d_out,
-                              task.balance_classes, params.oof_folds, seed)
-        memo.put_probe(key, fit)
-    return fit
+def _probes(task: Task, targets: Targets, source: FeatureSource,
+            requests: list[tuple[int, dict[str, np.ndarray]]], subjects: np.ndarray,
+            params: FitParams, memo: HeadMemo) -> list[dict[str, ProbeFit]]:
+    """Every expert's cross-fitted linear probe (``cross_fit_probes``) for each (seed,
+    rows) request, the candidates a combiner may choose: those not in ``memo`` fitted
+    together, then kept there like heads (the fits of other head or gate settings, and the
+    multi-task fit, reuse them)."""
+    names, d_out = list(params.backbones), _d_out(task, targets)
+    labels = labels_digest(targets)
+    found: dict[str, ProbeFit] = {}
+    missing: dict[str, ProbeJob] = {}
+    keys = []
+    for seed, rows in requests:
+        keys.append({})
+        objective = _objective(task, targets, rows["train"], params)[0]
+        for k, b in enumerate(names):
+            key = keys[-1][b] = head_key(
+                "probe", task.name, labels, source.fingerprints.get(b, {}), b, seed * 100 + k,
+                _rows_digest(rows), params.inputs.get(b, "features"), params.loss,
+                params.oof_folds)
+            if key in found or key in missing:
+                continue
+            fit = memo.get_probe(key, objective.classification, d_out)
+            if fit is not None:
+                found[key] = fit
+            else:
+                missing[key] = ProbeJob(b, rows, objective, seed * 100 + k)
+    if missing:
+        fitted = cross_fit_probes(list(missing.values()), source, subjects, d_out,
+                                  task.balance_classes, params.oof_folds)
+        for key, fit in zip(missing, fitted, strict=True):
+            memo.put_probe(key, fit)
+            found[key] = fit
+    return [{b: found[key] for b, key in own.items()} for own in keys]
 
 
 def _gate_settings(params: FitParams) -> dict:
@@ -639,7 +667,7 @@ def fit_task(task_name: str, params: FitParams, cohort_path: Path, cache_dir: Pa
     fitted = iter([fit_split(task, targets, source, plan.rows, subjects, params, plan.seed,
                              plan.baselines, memo, plan.fits, prefit=ready)
                    for plan, ready in zip(planned, prefit_splits(
-                       task, targets, source, planned, subjects, params), strict=True)])
+                       task, targets, source, planned, subjects, params, memo), strict=True)])
     fold_fits = {seed: [next(fitted) for _ in folds[seed]] for seed in seeds_list}
     finals = {seed: next(fitted) for seed in seeds_list} if len(requests) > evaluating else {}
     per_seed: list[dict[str, _Pooled]] = []
