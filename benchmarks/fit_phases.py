@@ -56,7 +56,8 @@ def _instrument() -> None:
     _timed(run, "cross_fit", "heads")
     _timed(run, "cross_fit_probes", "probes")
     _timed(run, "fit_gates", "gate")
-    _timed(select.Combiners, "_stacking", "stacking")
+    _timed(run, "fit_stackers", "stacking")  # every split's, in prefit_splits
+    _timed(select, "fit_stackers", "stacking")  # a stacker not fitted there
     _timed(run, "_weight_generators", "weight generator")
     _timed(run, "intervals", "bootstrap")
     _timed(run.FitResult, "write", "writing")

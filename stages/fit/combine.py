@@ -18,6 +18,7 @@ heads' averaged outputs on validation. Outputs are in the heads' space: standard
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -252,13 +253,20 @@ class Linear:
     def fit_groups(cls, groups: list[PathGroup], n_classes: int, balanced: bool
                    ) -> list[list[Linear]]:
         """``fit_many`` of several designs (each group's objective says which kind); the
-        logistic fits of all of them are solved together."""
+        logistic fits of all of them are solved together. A mask a group repeats is fitted
+        once: every seed's probe of a fixed split has the same fit on all training rows."""
+        unique = [_first_of_each(g.masks) for g in groups]
+        groups = [dataclasses.replace(g, masks=g.masks[first])
+                  for g, (first, _) in zip(groups, unique, strict=True)]
         if not groups[0].objective.classification:
-            return [[cls({"coef": coef.tolist(), "intercept": [intercept]}, False, 1)
-                     for coef, intercept in (ridge_gcv(g.x[m], g.y[m]) for m in g.masks)]
-                    for g in groups]
-        return [[cls(state, True, n_classes) for state in states]
-                for states in logistic_paths(groups, n_classes, balanced)]
+            fitted = [[cls({"coef": coef.tolist(), "intercept": [intercept]}, False, 1)
+                       for coef, intercept in (ridge_gcv(g.x[m], g.y[m]) for m in g.masks)]
+                      for g in groups]
+        else:
+            fitted = [[cls(state, True, n_classes) for state in states]
+                      for states in logistic_paths(groups, n_classes, balanced)]
+        return [[own[i] for i in inverse]
+                for own, (_, inverse) in zip(fitted, unique, strict=True)]
 
     def predict(self, x: np.ndarray) -> np.ndarray:
         """Values (n, 1), or probabilities over all ``n_classes`` (absent classes get 0)."""
@@ -280,6 +288,14 @@ class Linear:
         out = np.zeros((len(x), self.n_classes), dtype=np.float32)
         out[:, seen] = p
         return out
+
+
+def _first_of_each(masks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(the index of each distinct mask's first occurrence, in order; each mask's position
+    among them)."""
+    _, first, inverse = np.unique(masks, axis=0, return_index=True, return_inverse=True)
+    order = np.argsort(first)
+    return first[order], np.argsort(order)[inverse.reshape(-1)]
 
 
 class Stacker:
