@@ -19,7 +19,7 @@ from stages.fit.bank import (
     train_banks,
 )
 from stages.fit.features import FeatureSource
-from stages.fit.model import ModelConfig
+from stages.fit.model import Head, ModelConfig, renamed_from_peft
 from stages.fit.train import Objective, heads_criterion
 
 N = 240
@@ -47,7 +47,7 @@ def _data(classification: bool) -> tuple[FeatureSource, Objective]:
 def _alone(head: torch.nn.Module, source: FeatureSource, objective: Objective,
            train: np.ndarray, val: np.ndarray, union: np.ndarray, step: int, *, lr: float,
            weight_decay: float, max_epochs: int, patience: int, seed: int) -> None:
-    """The reference: one peft head, ``torch.optim.AdamW``, the bank's shuffled batches of
+    """The reference: one deployed head, ``torch.optim.AdamW``, the bank's shuffled batches of
     ``union`` restricted to its own rows, early stopping on its own validation loss."""
 
     def loss_on(rows: np.ndarray) -> torch.Tensor:
@@ -117,7 +117,7 @@ def test_a_member_trained_in_the_bank_predicts_what_it_predicts_alone(classifica
         with torch.no_grad():
             alone = head(torch.from_numpy(source.take(test, ["x"])["x"]))
         np.testing.assert_allclose(batched[m].numpy(), alone.numpy(), rtol=1e-9, atol=1e-10)
-        exported = bank.export(m).double()  # the trained member, deployed as a peft head
+        exported = bank.export(m).double()  # the trained member, deployed as a head
         with torch.no_grad():
             np.testing.assert_allclose(
                 exported(torch.from_numpy(source.take(test, ["x"])["x"])).numpy(),
@@ -261,3 +261,44 @@ def test_gate_members_equal_their_exported_gates():
     torch.testing.assert_close(weights.sum(2), torch.ones(2, 7, 2))
     for m in range(2):
         torch.testing.assert_close(bank.export(m)(x), weights[m])
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+def test_the_lora_head_is_pefts_lora(dropout):
+    """``LoraLinear`` is peft's LoRA on these layers: a peft-wrapped MLP's weights, under
+    peft's names (how models saved before ``LoraLinear`` hold them), load into ``Head``
+    and give the same outputs, the same weights train, with the same gradients (and the
+    same dropout draws)."""
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(0)
+    mlp = torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.ReLU(), torch.nn.Linear(16, 16),
+                              torch.nn.ReLU(), torch.nn.Linear(16, 3))
+    wrapped = get_peft_model(mlp, LoraConfig(r=4, lora_alpha=8, lora_dropout=dropout,
+                                             target_modules=["0", "2"], modules_to_save=["4"]))
+    with torch.no_grad():
+        for name, p in wrapped.named_parameters():
+            if "lora_B" in name or "modules_to_save" in name:  # away from their start
+                p.normal_(0, 0.3)
+    head = Head(6, 3, ModelConfig(hidden=16, lora_r=4, lora_alpha=8, lora_dropout=dropout,
+                                  skip=False))
+    head.load_state_dict(renamed_from_peft({f"mlp.{k}": v
+                                            for k, v in wrapped.state_dict().items()}))
+    x = torch.randn(32, 6)
+    outputs = []
+    for model in (wrapped, head.mlp):
+        torch.manual_seed(1)  # the same dropout masks
+        out = model.train()(x)
+        out.square().sum().backward()
+        outputs.append(out.detach())
+    torch.testing.assert_close(outputs[0], outputs[1])
+    assert outputs[0].abs().max() > 0.1
+    theirs = {}
+    for name, p in wrapped.named_parameters():
+        if p.requires_grad:
+            (renamed,) = renamed_from_peft({f"mlp.{name}": p})
+            theirs[renamed] = p.grad
+    ours = {n: p.grad for n, p in head.named_parameters() if p.requires_grad}
+    assert sorted(theirs) == sorted(ours)
+    for name, grad in ours.items():
+        torch.testing.assert_close(grad, theirs[name])

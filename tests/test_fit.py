@@ -170,16 +170,36 @@ def test_saved_models_refuse_other_features(fake, tmp_path):
         load_model(path, changed)
 
 
+def _peft_names(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A head's weights as peft held them (before ``LoraLinear``), with peft's copy of the
+    untrained output layer."""
+    out = {}
+    for name, value in state.items():
+        for i in (0, 2):
+            name = name.replace(f"mlp.{i}.base.", f"mlp.base_model.model.{i}.base_layer.")
+            for ours, theirs in (("a", "A"), ("b", "B")):
+                name = name.replace(f"mlp.{i}.lora_{ours}.",
+                                    f"mlp.base_model.model.{i}.lora_{theirs}.default.")
+        if ".mlp.4." in name:
+            out[name.replace(".mlp.4.", ".mlp.base_model.model.4.original_module.")] = 0 * value
+            name = name.replace(".mlp.4.", ".mlp.base_model.model.4.modules_to_save.default.")
+        out[name] = value
+    return out
+
+
 def test_a_model_saved_before_bags_loads_with_one_head_per_expert(tmp_path):
     """Model files written before an expert was its fold heads' bag have no ``bag`` in
-    their configuration and one head per expert in their weights: they still load."""
+    their configuration, one head per expert in their weights, and peft's names for a
+    LoRA head's weights: they still load."""
     config = ModelConfig(hidden=8, lora_r=2)
     model = Ensemble({"a": 4, "b": 3}, 5, 1, False, config).eval()
     described = config.describe()
     del described["bag"]
+    state = _peft_names(model.state_dict())
+    assert "heads.a.mlp.base_model.model.0.lora_A.default.weight" in state
     torch.save({"task": "rr", "classes": [], "dims": {"a": 4, "b": 3}, "gate_dim": 5,
-                "model_config": described, "fingerprints": {},
-                "state_dict": model.state_dict()}, tmp_path / "seed0.pt")
+                "model_config": described, "fingerprints": {}, "state_dict": state},
+               tmp_path / "seed0.pt")
     loaded, _ = load_model(tmp_path / "seed0.pt", {})
     features, gate = {"a": torch.randn(6, 4), "b": torch.randn(6, 3)}, torch.randn(6, 5)
     with torch.no_grad():
@@ -213,12 +233,11 @@ def test_lora_trainable_set_is_what_the_config_says():
     for expert in ("a", "b"):
         names = trainable[expert]
         assert names and all(("lora_" in n and (".0." in n or ".2." in n))
-                             or ".4.modules_to_save." in n or n.startswith("skip.")
-                             for n in names)
+                             or n.startswith(("mlp.4.", "skip.")) for n in names)
         assert {"skip.weight", "skip.bias"} <= set(names)  # the linear path learns fully
-        assert any(".4.modules_to_save." in n for n in names)  # output layer learns too
+        assert {"mlp.4.weight", "mlp.4.bias"} <= set(names)  # output layer learns too
         frozen = [n for n, p in lora.heads[expert].named_parameters() if not p.requires_grad]
-        assert any("0.base_layer.weight" in n for n in frozen)
+        assert sorted(frozen) == [f"mlp.{i}.base.{w}" for i in (0, 2) for w in ("bias", "weight")]
     assert trainable["gate"] == ["net.0.weight", "net.0.bias", "net.2.weight", "net.2.bias"]
     full = Ensemble({"a": 8}, 6, 3, True, ModelConfig(hidden=16, adapter="full"))
     assert sorted(full.trainable()["a"]) == sorted(n for n, _ in full.heads["a"].named_parameters())

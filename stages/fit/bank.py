@@ -11,7 +11,7 @@ A member learns only from its own rows: a batch's loss is, per member, the (clas
 mean over the batch rows that belong to it, and each member has its own AdamW state and
 step count (``BatchedAdamW``), so a member's trajectory does not depend on the others in the
 bank: it is the one it would follow alone on the same batches restricted to its rows (the
-test ``test_bank.py`` checks this against the peft head and ``torch.optim.AdamW``). Early
+test ``test_bank.py`` checks this against the deployed head and ``torch.optim.AdamW``). Early
 stopping is per member: a member whose validation loss stopped improving for ``patience``
 epochs stops updating, and its best state is restored at the end.
 """
@@ -159,7 +159,7 @@ class HeadBank(_Stacked):
     """M heads of one expert (``stages.fit.model.Head``), stacked: (B, D) -> (M, B, k).
 
     With ``adapter="lora"`` the hidden layers' weights and biases are frozen and each learns
-    the update ``(alpha/r) * A @ B`` (A initialised as ``nn.Linear``, B zero: peft's LoRA);
+    the update ``(alpha/r) * A @ B`` (A initialised as ``nn.Linear``, B zero: ``LoraLinear``);
     the output layer and the linear skip path train fully. With ``adapter="full"`` every
     weight trains. Member ``m`` is initialised from ``seeds[m]`` alone, so it starts the
     same whichever bank it is in.
@@ -249,19 +249,17 @@ class HeadBank(_Stacked):
             self.weight("bs")[member, column] = float(intercept)
 
     def export(self, member: int) -> Head:
-        """Member ``member`` as the deployed ``Head`` (peft LoRA), weight for weight."""
+        """Member ``member`` as the deployed ``Head``, weight for weight."""
         head = Head(self.d_in, self.d_out, self.config)
-        mlp = head.mlp.base_model.model if self.lora else head.mlp
         w = {name: value[member] for name, value in self.weights().items()}
         with torch.no_grad():
-            for i, layer in enumerate([mlp[0], mlp[2], mlp[4]], start=1):
-                target = layer.modules_to_save["default"] if i == 3 and self.lora else (
-                    layer.base_layer if self.lora else layer)
+            for i, layer in enumerate([head.mlp[0], head.mlp[2], head.mlp[4]], start=1):
+                target = layer.base if self.lora and i < 3 else layer
                 target.weight.copy_(w[f"w{i}"].T)
                 target.bias.copy_(w[f"b{i}"])
                 if self.lora and i < 3:
-                    layer.lora_A["default"].weight.copy_(w[f"a{i}"].T)
-                    layer.lora_B["default"].weight.copy_(w[f"l{i}"].T)
+                    layer.lora_a.weight.copy_(w[f"a{i}"].T)
+                    layer.lora_b.weight.copy_(w[f"l{i}"].T)
             if self.config.skip:
                 head.skip.weight.copy_(w["ws"].T)
                 head.skip.bias.copy_(w["bs"])

@@ -2,8 +2,9 @@
 
 Heads are ``Linear(D,h)-ReLU-Linear(h,h)-ReLU-Linear(h,out)``. With ``adapter="lora"``
 (EnECG) the hidden layers stay at their seeded initialisation and learn a rank-``r`` LoRA
-update through peft, and the output layer is trained fully: a LoRA-only head whose output
-layer stays random maps everything through a random projection, a known pitfall. With
+update (``LoraLinear``: peft's LoRA for these layers, checked against peft in the tests),
+and the output layer is trained fully: a LoRA-only head whose output layer stays random
+maps everything through a random projection, a known pitfall. With
 ``adapter="full"`` every head weight trains. With ``skip`` a linear map ``Linear(D,out)``
 is added to the head's output, so a feature that already measures the target reaches the
 output through a straight line the MLP need not learn (on real ECGs the MLP alone lost
@@ -18,13 +19,11 @@ distribution and its log is the loss input.
 
 from __future__ import annotations
 
+import re
 from dataclasses import asdict, dataclass, replace
 
 import torch
-from peft import LoraConfig, get_peft_model
 from torch import nn
-
-HIDDEN_LAYERS, OUTPUT_LAYER = ["0", "2"], "4"
 
 
 @dataclass(frozen=True)
@@ -50,29 +49,71 @@ class ModelConfig:
         return asdict(self)
 
 
+class LoraLinear(nn.Module):
+    """A frozen linear layer plus a trained low-rank update, ``base(x) + (alpha/r) ·
+    B(A(dropout(x)))`` with A initialised as ``nn.Linear`` and B at zero (Hu et al., 2021;
+    peft's ``LoraConfig`` defaults). Written here rather than wrapped with peft: importing
+    peft imports transformers, 2.7 of the 6.3 s every fit spent before its first step, for
+    a layer of three matrices (``tests/test_bank.py`` checks it against peft)."""
+
+    def __init__(self, d_in: int, d_out: int, r: int, alpha: float, dropout: float):
+        super().__init__()
+        self.base = nn.Linear(d_in, d_out).requires_grad_(False)
+        self.lora_a = nn.Linear(d_in, r, bias=False)
+        self.lora_b = nn.Linear(r, d_out, bias=False)
+        nn.init.zeros_(self.lora_b.weight)
+        self.dropout = nn.Dropout(dropout) if dropout else nn.Identity()
+        self.scale = alpha / r
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.base(x) + self.lora_b(self.lora_a(self.dropout(x))) * self.scale
+
+
 class Head(nn.Module):
     """The FFN head, plus the optional linear skip path."""
 
     def __init__(self, d_in: int, d_out: int, config: ModelConfig):
         super().__init__()
-        mlp = nn.Sequential(nn.Linear(d_in, config.hidden), nn.ReLU(),
-                            nn.Linear(config.hidden, config.hidden), nn.ReLU(),
-                            nn.Linear(config.hidden, d_out))
-        if config.skip:  # the head starts as its linear path (see probes.warm_start)
-            nn.init.zeros_(mlp[4].weight)
-            nn.init.zeros_(mlp[4].bias)
-        if config.adapter == "lora":
-            mlp = get_peft_model(mlp, LoraConfig(
-                r=config.lora_r, lora_alpha=config.lora_alpha,
-                lora_dropout=config.lora_dropout, target_modules=HIDDEN_LAYERS,
-                modules_to_save=[OUTPUT_LAYER]))
-        self.mlp = mlp
+        h = config.hidden
+
+        def hidden(d: int) -> nn.Module:
+            return (LoraLinear(d, h, config.lora_r, config.lora_alpha, config.lora_dropout)
+                    if config.adapter == "lora" else nn.Linear(d, h))
+
+        self.mlp = nn.Sequential(hidden(d_in), nn.ReLU(), hidden(h), nn.ReLU(),
+                                 nn.Linear(h, d_out))
+        if config.skip:  # the head starts as its linear path (see probes.robust_linear)
+            nn.init.zeros_(self.mlp[4].weight)
+            nn.init.zeros_(self.mlp[4].bias)
         self.skip = nn.Linear(d_in, d_out) if config.skip else None
         self.d_in, self.d_out, self.config = d_in, d_out, config
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.mlp(x)
         return out if self.skip is None else out + self.skip(x)
+
+
+# Saved before ``LoraLinear``, a LoRA head was peft's: its weights under peft's names.
+_PEFT_NAMES = [(re.compile(r"(^|\.)mlp\.base_model\.model\.(\d)\.base_layer\."), r"\1mlp.\2.base."),
+               (re.compile(r"(^|\.)mlp\.base_model\.model\.(\d)\.lora_A\.default\."),
+                r"\1mlp.\2.lora_a."),
+               (re.compile(r"(^|\.)mlp\.base_model\.model\.(\d)\.lora_B\.default\."),
+                r"\1mlp.\2.lora_b."),
+               (re.compile(r"(^|\.)mlp\.base_model\.model\.4\.modules_to_save\.default\."),
+                r"\1mlp.4.")]
+
+
+def renamed_from_peft(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """An ensemble's saved weights under today's names: a model saved while the heads were
+    peft's loads as it was trained (peft's copy of the untrained output layer dropped)."""
+    out = {}
+    for name, value in state.items():
+        if ".original_module." in name:
+            continue
+        for pattern, replacement in _PEFT_NAMES:
+            name = pattern.sub(replacement, name)
+        out[name] = value
+    return out
 
 
 class Bag(nn.Module):

@@ -56,7 +56,7 @@ from stages.fit.crossfit import (
 )
 from stages.fit.features import GATE, FeatureSource, load_features
 from stages.fit.head_store import FOLDER, HeadMemo, array_digest, head_key
-from stages.fit.model import Ensemble, ModelConfig, bag_size
+from stages.fit.model import Ensemble, ModelConfig, bag_size, renamed_from_peft
 from stages.fit.probes import linear_probe
 from stages.fit.select import (
     GATE_NAME,
@@ -849,7 +849,7 @@ def load_model(path: Path, fingerprints: dict[str, dict]) -> tuple[Ensemble, dic
     d_out = len(saved["classes"]) if classification else 1
     model = Ensemble(saved["dims"], saved["gate_dim"], d_out, classification,
                      ModelConfig(**saved["model_config"]))
-    model.load_state_dict(saved["state_dict"])
+    model.load_state_dict(renamed_from_peft(saved["state_dict"]))
     return model.eval(), saved
 
 
