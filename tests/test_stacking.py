@@ -22,6 +22,7 @@ from stages.fit.combine import (
     fit_weightings,
     fixed_mixture,
     greedy_weights,
+    ridge_gcv,
 )
 from stages.fit.crossfit import ProbeJob, cross_fit_probes, group_folds
 from stages.fit.features import GATE, FeatureSource
@@ -491,10 +492,13 @@ def test_linear_starts_fitted_together_are_the_ones_fitted_alone():
         members = [np.flatnonzero(folds != f) for f in range(5)] + [np.arange(n)]
         members.append(np.arange(0, n, 4))  # 38 rows: fewer than 40 and 100 features
         together = robust_linears(x, y, subjects, members)
-        for rows, (coef, intercept) in zip(members, together, strict=True):
-            alone, icpt = robust_linear(x[rows], y[rows], subjects[rows])
-            np.testing.assert_allclose(coef, alone, atol=1e-4)
-            assert abs(intercept - icpt) < 1e-4
+        for rows, start in zip(members, together, strict=True):
+            (coef, intercept), alone = start.robust, robust_linear(x[rows], y[rows],
+                                                                   subjects[rows])
+            np.testing.assert_allclose(coef, alone[0], atol=1e-4)
+            assert abs(intercept - alone[1]) < 1e-4
+            plain = ridge_gcv(x[rows], y[rows])  # the probe's fit of the same rows
+            np.testing.assert_allclose(start.plain[0], plain[0], atol=1e-9)
 
 
 def test_a_regression_head_starts_as_a_robust_fit_of_its_linear_path():

@@ -193,24 +193,36 @@ def ridge_gcv(x: np.ndarray, y: np.ndarray, alphas: np.ndarray = ALPHAS
     diagonal for a penalty a is 1/n + Σ_j Q_ij² / (λ_j + a) (n ≥ p; the n < p case uses
     X·Xᵀ). Returns (coef, intercept).
     """
-    x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
-    n = len(y)
-    x_mean, y_mean = x.mean(axis=0), y.mean()
-    xc, yc = x - x_mean, y - y_mean
+    return ridge_gcv_targets(x, np.asarray(y)[:, None], alphas)[0]
+
+
+def ridge_gcv_targets(x: np.ndarray, ys: np.ndarray, alphas: np.ndarray = ALPHAS
+                      ) -> list[tuple[np.ndarray, float]]:
+    """``ridge_gcv`` of each column of ``ys`` (n, t) on one design, each with its own
+    penalty, from one eigendecomposition (most of a fit's cost on wide features)."""
+    x, ys = np.asarray(x, dtype=np.float64), np.asarray(ys, dtype=np.float64)
+    n = len(ys)
+    x_mean, y_mean = x.mean(axis=0), ys.mean(axis=0)
+    xc, yc = x - x_mean, ys - y_mean
     wide = n < x.shape[1]
     eigenvalues, vectors = np.linalg.eigh(xc @ xc.T if wide else xc.T @ xc)
     eigenvalues = np.clip(eigenvalues, 0.0, None)
     q = vectors if wide else xc @ vectors  # (n, k): the data in the eigenbasis
-    q_y = q.T @ yc
+    q_y = q.T @ yc  # (k, t)
     alphas = np.asarray(alphas, dtype=np.float64)
     shrink = (eigenvalues[:, None] / (eigenvalues[:, None] + alphas) if wide
               else 1.0 / (eigenvalues[:, None] + alphas))  # (k, alphas)
-    leverage = 1.0 / n + (q ** 2) @ shrink
-    residual = (yc[:, None] - q @ (shrink * q_y[:, None])) / np.maximum(1.0 - leverage, 1e-12)
-    chosen = alphas[int(np.argmin(np.mean(residual ** 2, axis=0)))]
-    inverse = 1.0 / (eigenvalues + chosen)
-    coef = (xc.T @ (vectors @ (inverse * q_y)) if wide else vectors @ (inverse * q_y))
-    return coef, float(y_mean - x_mean @ coef)
+    leverage = 1.0 / n + (q ** 2) @ shrink  # (n, alphas)
+    fitted = np.einsum("nk,kat->nat", q, shrink[:, :, None] * q_y[:, None, :])
+    residual = (yc[:, None, :] - fitted) / np.maximum(1.0 - leverage, 1e-12)[..., None]
+    chosen = alphas[np.argmin(np.mean(residual ** 2, axis=0), axis=0)]  # (t,)
+    out = []
+    for t, alpha in enumerate(chosen):
+        inverse = 1.0 / (eigenvalues + alpha)
+        coef = (xc.T @ (vectors @ (inverse * q_y[:, t])) if wide
+                else vectors @ (inverse * q_y[:, t]))
+        out.append((coef, float(y_mean[t] - x_mean @ coef)))
+    return out
 
 
 @dataclass

@@ -67,10 +67,13 @@ def group_folds(groups: np.ndarray, k: int, seed: int, strata: np.ndarray | None
 @dataclass
 class ExpertFit:
     """One expert's outputs in head space, indexed by cohort row (N, k): out-of-fold on
-    the training rows, from the folds' heads together elsewhere; and those heads."""
+    the training rows, from the folds' heads together elsewhere; and those heads. A
+    regression head's linear starts come with the plain ridge fits of its folds' rows
+    (``fold_ridges``, in fold order), which are its linear probe's fold fits."""
 
     outputs: np.ndarray
     head: Head | Bag
+    fold_ridges: list[Linear] | None = None
 
 
 @dataclass
@@ -124,8 +127,8 @@ def cross_fit(jobs: list[Job], splits: list[Split], source: FeatureSource,
             banks.banks[b].set_input_scaling(np.stack([a for a, _ in affine[b]]),
                                              np.stack([c for _, c in affine[b]]))
     objectives = [split.objective for split in splits]
-    if config.skip and source.in_memory:
-        _start_linear_paths(banks, order, members, splits, source, subjects)
+    ridges = (_start_linear_paths(banks, order, members, splits, source, subjects)
+              if config.skip and source.in_memory else {})
     banks.to(device)
     reader = Reader(source, names, device)
     if reader.resident is not None:
@@ -148,7 +151,8 @@ def cross_fit(jobs: list[Job], splits: list[Split], source: FeatureSource,
         outputs[others] = activate(objectives[0], raw[start: start + n,
                                                       np.searchsorted(every, others)].mean(0))
         heads = [banks.banks[job[0]].export(first + m) for m in range(n)]
-        result[job] = ExpertFit(outputs, heads[0] if n == 1 else Bag(heads).eval())
+        result[job] = ExpertFit(outputs, heads[0] if n == 1 else Bag(heads).eval(),
+                                ridges.get(job))
         start += n
     return result
 
@@ -156,19 +160,23 @@ def cross_fit(jobs: list[Job], splits: list[Split], source: FeatureSource,
 def _start_linear_paths(banks: Banks, order: list[Job],
                         members: dict[Job, list[tuple[np.ndarray, np.ndarray]]],
                         splits: list[Split], source: FeatureSource, subjects: np.ndarray
-                        ) -> None:
+                        ) -> dict[Job, list[Linear]]:
     """Start every regression output's linear path at ``robust_linears``' map of its
     member's training rows, scaled as its split scales them. The members of one expert
-    and split (the folds of every seed) are fitted in one call on the split's design."""
+    and split (the folds of every seed) are fitted in one call on the split's design.
+    Returns, per job of a single regression target, the plain ridge fits of its members'
+    rows (``ExpertFit.fold_ridges``)."""
     position, at = {}, dict.fromkeys(banks.banks, 0)  # (job, m) -> member of its bank
     for job in order:
         for m in range(len(members[job])):
             position[job, m] = at[job[0]]
             at[job[0]] += 1
+    ridges: dict[Job, list[Linear]] = {}
     for name, index in dict.fromkeys((job[0], job[2]) for job in order):
         jobs = [job for job in order if job[0] == name and job[2] == index]
         a, c = input_affine(source.scaling[name], splits[index].scaling[name])
-        for column, y, labelled in linear_targets(splits[index].objective):
+        targets = linear_targets(splits[index].objective)
+        for column, y, labelled in targets:
             sets = {}  # a row set recurring across seeds is fitted once
             for job in jobs:
                 for rows, _ in members[job]:
@@ -182,8 +190,13 @@ def _start_linear_paths(banks: Banks, order: list[Job],
             for job in jobs:
                 for m, (rows, _) in enumerate(members[job]):
                     rows = rows if labelled is None else rows[labelled[rows]]
-                    banks.banks[name].set_skip(position[job, m], *fits[rows.tobytes()],
+                    banks.banks[name].set_skip(position[job, m], *fits[rows.tobytes()].robust,
                                                column=column)
+                if len(targets) == 1 and labelled is None:
+                    ridges[job] = [Linear({"coef": fits[rows.tobytes()].plain[0].tolist(),
+                                           "intercept": [fits[rows.tobytes()].plain[1]]},
+                                          False, 1) for rows, _ in members[job]]
+    return ridges
 
 
 @dataclass
@@ -204,6 +217,7 @@ class ProbeJob:
     rows: dict[str, np.ndarray]
     objective: Objective
     seed: int
+    folds: list[Linear] | None = None  # its fold fits, when already made (``fold_ridges``)
 
 
 def cross_fit_probes(jobs: list[ProbeJob], source: FeatureSource, subjects: np.ndarray,
@@ -234,8 +248,8 @@ def cross_fit_probes(jobs: list[ProbeJob], source: FeatureSource, subjects: np.n
         own = [design for (expert, _), design in designs.items() if expert == name]
         for design, linears in zip(own, Linear.fit_groups([d.group() for d in own],
                                                           n_classes, balanced), strict=True):
-            for job, held, at in design.jobs:
-                *fold_fits, linear = linears[at: at + len(held) + 1]
+            for job, held, at, given in design.jobs:
+                *fold_fits, linear = given + linears[at: at + len(held) + 1 - len(given)]
                 fitted[id(job)] = design.outputs(job, held, fold_fits, linear,
                                                  source.n_rows, n_classes)
     return [fitted[id(job)] for job in jobs]
@@ -250,7 +264,8 @@ class _ProbeDesign:
         self.every = np.unique(np.concatenate(list(job.rows.values())))
         self.x = source.take(self.every, [job.name])[job.name]
         self.masks: list[np.ndarray] = []
-        self.jobs: list[tuple[ProbeJob, list[np.ndarray], int]] = []  # (job, folds, at)
+        # (job, its folds, its first mask, its fold fits already made)
+        self.jobs: list[tuple[ProbeJob, list[np.ndarray], int, list[Linear]]] = []
 
     def take(self, rows: np.ndarray) -> np.ndarray:
         return self.x[np.searchsorted(self.every, rows)]
@@ -259,8 +274,10 @@ class _ProbeDesign:
         train_rows = self.rows["train"]
         fold_of = group_folds(subjects[train_rows], folds, job.seed)
         held = [fold_of == f for f in range(fold_of.max() + 1) if (fold_of != f).any()]
-        self.jobs.append((job, held, len(self.masks)))
-        self.masks += [~h for h in held] + [np.ones(len(train_rows), dtype=bool)]
+        given = job.folds if job.folds is not None and len(job.folds) == len(held) else []
+        self.jobs.append((job, held, len(self.masks), given))
+        self.masks += ([] if given else [~h for h in held]) + [np.ones(len(train_rows),
+                                                                       dtype=bool)]
 
     def group(self) -> PathGroup:
         y = self.objective.y

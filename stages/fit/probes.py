@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import os
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 
 import numpy as np
 from sklearn.linear_model import QuantileRegressor
 from sklearn.model_selection import GroupKFold, KFold
 
-from stages.fit.combine import Linear, ridge_gcv
+from stages.fit.combine import Linear, ridge_gcv, ridge_gcv_targets
 from stages.fit.features import FeatureSource
 from stages.fit.train import Objective
 
@@ -45,8 +46,19 @@ SELECT_FOLDS = 3
 SPARSE_MAX_FEATURES = 64
 
 
-def robust_linear(x: np.ndarray, y: np.ndarray, groups: np.ndarray | None = None
-                  ) -> tuple[np.ndarray, float]:
+Fit = tuple[np.ndarray, float]  # (coef, intercept)
+
+
+@dataclass
+class LinearStart:
+    """A member's linear start (``robust``) and the plain ridge fit of its rows (the
+    cross-fitted linear probe's fold fit, read off the same decomposition)."""
+
+    robust: Fit
+    plain: Fit
+
+
+def robust_linear(x: np.ndarray, y: np.ndarray, groups: np.ndarray | None = None) -> Fit:
     """The linear map (coef, intercept) a regression head's linear path starts from: the
     better, by subject-grouped inner cross-validation of absolute error, of two robust
     linear fits on its training rows.
@@ -64,23 +76,28 @@ def robust_linear(x: np.ndarray, y: np.ndarray, groups: np.ndarray | None = None
     worse for every expert and task but rr on rhythm, where the sparse fit beats both; and
     seconds per fit on wide embeddings.
     """
-    return robust_linears(x, y, groups, [np.arange(len(y))])[0]
+    return robust_linears(x, y, groups, [np.arange(len(y))])[0].robust
 
 
 def robust_linears(x: np.ndarray, y: np.ndarray, groups: np.ndarray | None,
-                   members: list[np.ndarray]) -> list[tuple[np.ndarray, float]]:
+                   members: list[np.ndarray]) -> list[LinearStart]:
     """``robust_linear`` on each of several row subsets (``members``, sorted indices) of
-    one design: a split's cross-fitting heads. The sparse fits of the subsets taller than
-    wide are solved as one batch (``median_lasso``): they run to its iteration limit, and
-    nine problems per call spent that time on per-iteration overhead (9 of a
-    cross-validated 200-ECG ``rr`` fit's 26 s of heads)."""
+    one design: a split's cross-fitting heads; with each, the plain ridge fit of its rows,
+    which the split's linear probe fits on the same folds (on wide experts the
+    eigendecomposition is most of either fit, and one serves both). The sparse fits of the
+    subsets taller than wide are solved as one batch (``median_lasso``): they run to its
+    iteration limit, and nine problems per call spent that time on per-iteration overhead
+    (9 of a cross-validated 200-ECG ``rr`` fit's 26 s of heads)."""
     d = x.shape[1]
-    fits: list[tuple[np.ndarray, float] | None] = [None] * len(members)
+    fits: list[Fit | None] = [None] * len(members)
+    plain: list[Fit | None] = [None] * len(members)
     tall: dict[int, list[tuple[np.ndarray, np.ndarray]]] = {}  # inner splits, design rows
     for i, rows in enumerate(members):
         if not sparse_fits(len(rows), d):
-            fits[i] = _clipped_ridge(x[rows], y[rows])
+            fits[i], plain[i] = ridge_gcv_targets(
+                x[rows], np.stack([_clip_outliers(y[rows]), y[rows]], axis=1))
             continue
+        plain[i] = ridge_gcv(x[rows], y[rows])
         g = None if groups is None else groups[rows]
         folds = (GroupKFold(SELECT_FOLDS) if g is not None
                  and len(np.unique(g)) >= SELECT_FOLDS
@@ -93,7 +110,7 @@ def robust_linears(x: np.ndarray, y: np.ndarray, groups: np.ndarray | None,
     batch = _sparse_or_ridge(x, y, [members[i] for i in tall], list(tall.values()))
     for i, fit in zip(tall, batch, strict=True):
         fits[i] = fit
-    return fits
+    return [LinearStart(robust, own) for robust, own in zip(fits, plain, strict=True)]
 
 
 def _sparse_or_ridge(x: np.ndarray, y: np.ndarray, members: list[np.ndarray],

@@ -225,8 +225,7 @@ def prefit_splits(task: Task, targets: Targets, source: FeatureSource,
     if len(names) < 2:
         return [Prefit(scaling, {}, None, {}) for scaling in scalings]
     probes = ([{}] * len(requests) if not source.in_memory or params.combiner != "select"
-              else _probes(task, targets, source, [(r.seed, r.rows) for r in requests],
-                           subjects, params, memo))
+              else _probes(task, targets, source, requests, subjects, params, memo))
     base = (scalings[0] if len(by_digest) == 1
             else source.scaling_of(np.unique(np.concatenate(scaled))))
     config, settings = _model_config(params), _gate_settings(params)
@@ -475,18 +474,20 @@ def fit_split(task: Task, targets: Targets, source: FeatureSource, rows: dict[st
 
 
 def _probes(task: Task, targets: Targets, source: FeatureSource,
-            requests: list[tuple[int, dict[str, np.ndarray]]], subjects: np.ndarray,
-            params: FitParams, memo: HeadMemo) -> list[dict[str, ProbeFit]]:
-    """Every expert's cross-fitted linear probe (``cross_fit_probes``) for each (seed,
-    rows) request, the candidates a combiner may choose: those not in ``memo`` fitted
-    together, then kept there like heads (the fits of other head or gate settings, and the
-    multi-task fit, reuse them)."""
+            requests: list[SplitRequest], subjects: np.ndarray, params: FitParams,
+            memo: HeadMemo) -> list[dict[str, ProbeFit]]:
+    """Every expert's cross-fitted linear probe (``cross_fit_probes``) for each request,
+    the candidates a combiner may choose: those not in ``memo`` fitted together (a
+    regression probe's fold fits read off its heads' linear starts where the heads were
+    just trained, ``ExpertFit.fold_ridges``), then kept there like heads (the fits of
+    other head or gate settings, and the multi-task fit, reuse them)."""
     names, d_out = list(params.backbones), _d_out(task, targets)
     labels = labels_digest(targets)
     found: dict[str, ProbeFit] = {}
     missing: dict[str, ProbeJob] = {}
     keys = []
-    for seed, rows in requests:
+    for request in requests:
+        seed, rows = request.seed, request.rows
         keys.append({})
         objective = _objective(task, targets, rows["train"], params)[0]
         for k, b in enumerate(names):
@@ -500,7 +501,8 @@ def _probes(task: Task, targets: Targets, source: FeatureSource,
             if fit is not None:
                 found[key] = fit
             else:
-                missing[key] = ProbeJob(b, rows, objective, seed * 100 + k)
+                missing[key] = ProbeJob(b, rows, objective, seed * 100 + k,
+                                        request.fits[b].fold_ridges)
     if missing:
         fitted = cross_fit_probes(list(missing.values()), source, subjects, d_out,
                                   task.balance_classes, params.oof_folds)
