@@ -206,11 +206,14 @@ class LogisticFits:
         self.eigenvalues = eigenvalues[spanned]
         if wide:  # x = Σ √(nλ) u vᵀ: the rotated rows are u √(nλ), the axes xᵀu / √(nλ)
             root = (n * self.eigenvalues).sqrt()
-            self.rotated = vectors[:, spanned] * root
+            rotated = vectors[:, spanned] * root
             self.axes = x64.T @ vectors[:, spanned] / root
         else:
             self.axes = vectors[:, spanned]
-            self.rotated = x64 @ self.axes
+            rotated = x64 @ self.axes
+        # the rotated rows and the intercept's column: (n, A + 1)
+        self.design = torch.cat([rotated, torch.ones(len(rotated), 1, dtype=torch.float64)],
+                                dim=1)
         self.y, self.n_classes, self.balanced = np.asarray(y), n_classes, balanced
 
     def _weights(self, masks: np.ndarray) -> np.ndarray:
@@ -257,16 +260,19 @@ def fit_together(fits: list[LogisticFits], masks: list[np.ndarray], cs: list[np.
     Returns the states per design, and the raw coefficients."""
     per_group = _per_group([len(m) for m in masks])
     chunks = [(g, j) for g, own in enumerate(masks) for j in range(0, len(own), per_group)]
-    rows, axes = max(len(f.rotated) for f in fits), max(f.rotated.shape[1] for f in fits)
-    design = torch.zeros(len(chunks), rows, axes + 1, dtype=torch.float64)
+    rows, axes = max(len(f.design) for f in fits), max(f.design.shape[1] - 1 for f in fits)
+    # one design is used as it is (no padded copy: at 800 k rows it is gigabytes)
+    design = (fits[0].design[None] if len(chunks) == 1
+              else torch.zeros(len(chunks), rows, axes + 1, dtype=torch.float64))
     y = np.zeros((len(chunks), rows), dtype=np.int64)
     weights = np.zeros((len(chunks), per_group, rows))
     penalties = np.ones((len(chunks), per_group))
     variance = torch.ones(len(chunks), axes + 1, dtype=torch.float64)
     frozen = torch.zeros(len(chunks), per_group, dtype=torch.bool)
     for at, (g, j) in enumerate(chunks):
-        fit, n, a = fits[g], *fits[g].rotated.shape
-        design[at, :n, :a], design[at, :n, -1] = fit.rotated, 1.0
+        fit, (n, a) = fits[g], (len(fits[g].design), fits[g].design.shape[1] - 1)
+        if len(chunks) > 1:
+            design[at, :n, :a], design[at, :n, -1] = fit.design[:, :-1], 1.0
         y[at, :n] = fit.y
         w, c = fit._weights(masks[g][j: j + per_group]), cs[g][j: j + per_group]
         short = per_group - len(w)  # frozen copies of the chunk's first problem fill it
@@ -287,7 +293,7 @@ def fit_together(fits: list[LogisticFits], masks: list[np.ndarray], cs: list[np.
     solved, present = coef[real], problems.present[real]
     states, p = [], 0
     for fit, own in zip(fits, masks, strict=True):
-        a = fit.rotated.shape[1]
+        a = fit.design.shape[1] - 1
         states.append([fit._state(torch.cat([solved[p + j, :a], solved[p + j, -1:]]),
                                   present[p + j]) for j in range(len(own))])
         p += len(own)
