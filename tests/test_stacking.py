@@ -17,6 +17,7 @@ from stages.fit.bootstrap import intervals, metric_value
 from stages.fit.combine import (
     Stacker,
     Weighting,
+    WeightingInput,
     apply_weightings,
     confidence_weights,
     fit_weightings,
@@ -351,12 +352,13 @@ def test_a_gate_routes_each_sample_to_the_expert_its_input_says_is_right():
     noise = 2 * rng.normal(size=(n, 2)).astype(np.float32)
     outputs = np.stack([y + noise[:, 0] * which, y + noise[:, 1] * (1 - which)], axis=1)
     source = _source({GATE: np.stack([which, 1 - which], axis=1)})
-    gates = fit_weightings(2, lambda d: d[GATE], [GATE], source, [Weighting(
-        outputs[..., None], _objective(y), [np.arange(400)], np.arange(400, 500), 0)],
-        ModelConfig(gate_hidden=16), lr=0.01, weight_decay=0.0, batch_size=64, max_epochs=200,
-        patience=20, prior=0.0)
-    mixture, weights = apply_weightings(gates, lambda d: d[GATE], [GATE], source,
-                                        outputs[..., None], np.arange(500, 600), False, 64)
+    reads = WeightingInput(2, lambda d: d[GATE], [GATE])
+    gates = fit_weightings({"gate": (reads, [Weighting(
+        outputs[..., None], _objective(y), [np.arange(400)], np.arange(400, 500), 0)])},
+        source, ModelConfig(gate_hidden=16), lr=0.01, weight_decay=0.0, batch_size=64,
+        max_epochs=200, patience=20, prior=0.0)
+    mixture, weights = apply_weightings(gates, "gate", reads, source, outputs[..., None],
+                                        np.arange(500, 600), False, 64)
     mixture, weights = mixture[0], weights[0]
     assert np.abs(mixture[:, 0] - y[500:]).mean() < 0.1 < np.abs(outputs[500:] - y[500:, None]
                                                                   ).mean()
@@ -365,14 +367,16 @@ def test_a_gate_routes_each_sample_to_the_expert_its_input_says_is_right():
 
 @pytest.mark.parametrize("classification", [False, True])
 def test_a_gate_trained_with_other_splits_gates_is_the_gate_trained_alone(classification):
-    """``prefit_splits`` trains the gates of every seed and fold in one bank: a member mixes
-    its own split's expert outputs for its own target (standardised, or classes weighed, on
-    its split) and reads the gate input scaled by its own rows, as it would alone."""
+    """``prefit_splits`` trains the gates of every seed and fold in one bank, and the weight
+    generators as a second bank of the same pass: a member mixes its own split's expert
+    outputs for its own target (standardised, or classes weighed, on its split) and reads
+    the gate input scaled by its own rows, as it would alone."""
     from stages.fit.bank import input_affine
 
     rng = np.random.default_rng(0)
     n = 300
-    source = _source({GATE: rng.normal(size=(n, 3)) * [1.0, 5.0, 0.2] + [0.0, 3.0, -1.0]})
+    source = _source({GATE: rng.normal(size=(n, 3)) * [1.0, 5.0, 0.2] + [0.0, 3.0, -1.0],
+                      "x": rng.normal(size=(n, 5))})
     train, val, test = np.arange(200), np.arange(200, 250), np.arange(250, 300)
     labels = rng.integers(0, 3, n)
 
@@ -390,16 +394,20 @@ def test_a_gate_trained_with_other_splits_gates_is_the_gate_trained_alone(classi
     settings = dict(lr=0.01, weight_decay=1e-4, batch_size=32, max_epochs=15, patience=4,
                     prior=0.1, expected=not classification)
 
-    def fit(weightings: list[Weighting], member: int) -> np.ndarray:
-        banks = fit_weightings(3, lambda d: d[GATE], [GATE], source, weightings,
+    gate = WeightingInput(3, lambda d: d[GATE], [GATE])
+    other = WeightingInput(5, lambda d: d["x"], ["x"])  # another input, as the generator's
+
+    def fit(weightings: list[Weighting], member: int, also: dict | None = None) -> np.ndarray:
+        banks = fit_weightings({"gate": (gate, weightings), **(also or {})}, source,
                                ModelConfig(gate_hidden=8), **settings)
-        return apply_weightings(banks, lambda d: d[GATE], [GATE], source, own_out, test,
+        return apply_weightings(banks, "gate", gate, source, own_out, test,
                                 classification, 32, slice(member, member + 1))[0][0]
 
     source.scaling = base
     together = fit([Weighting(first_out, first_goal, [train, train[:150]], val, 3),
                     Weighting(own_out, own_goal, [train], val, 3,
-                              input_affine(base[GATE], own[GATE]))], member=2)
+                              input_affine(base[GATE], own[GATE]))], member=2,
+                   also={"other": (other, [Weighting(first_out, first_goal, [train], val, 9)])})
     source.scaling = own
     alone = fit([Weighting(own_out, own_goal, [train], val, 3)], member=0)
     np.testing.assert_allclose(together, alone, atol=1e-5)

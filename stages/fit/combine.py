@@ -90,55 +90,73 @@ def _weighting_criterion(weightings: list[Weighting], groups: torch.Tensor, n_ex
 Inputs = Callable[[dict[str, np.ndarray]], np.ndarray]
 
 
-def _reader(inputs: Inputs, reads: list[str], source: FeatureSource, device: torch.device
+@dataclass
+class WeightingInput:
+    """What a bank of weighting networks reads: the arrays ``reads`` of a feature batch
+    (scaled with ``source.scaling``), turned by ``inputs`` into a ``d_in``-wide input."""
+
+    d_in: int
+    inputs: Inputs
+    reads: list[str]
+
+
+def _reader(kinds: dict[str, WeightingInput], source: FeatureSource, device: torch.device
             ) -> Reader:
-    return Reader(source, reads, device, lambda data: {"weights": inputs(data)})
+    reads = list(dict.fromkeys(r for kind in kinds.values() for r in kind.reads))
+    return Reader(source, reads, device,
+                  lambda data: {name: kind.inputs(data) for name, kind in kinds.items()})
 
 
-def fit_weightings(d_in: int, inputs: Inputs, reads: list[str], source: FeatureSource,
-                   weightings: list[Weighting], config: ModelConfig, *, lr: float,
+def fit_weightings(kinds: dict[str, tuple[WeightingInput, list[Weighting]]],
+                   source: FeatureSource, config: ModelConfig, *, lr: float,
                    weight_decay: float, batch_size: int, max_epochs: int, patience: int,
                    prior: float, expected: bool = False, bf16: bool = False,
                    device: torch.device | str = "cpu") -> Banks:
     """Weighting networks, one per row set of each ``Weighting``, trained so Σ w(x)·outputs[x]
-    fits its target (early stopping on its validation rows), as members of one bank in
-    that order; each starts from its own seed, and its best validation state is restored.
-
-    ``inputs`` turns a feature batch of the arrays ``reads`` (scaled with
-    ``source.scaling``) into the networks' input (d_in wide). The gates of every seed and
-    fold of a task train in one pass: one at a time, each was a few hundred steps of a
-    network too small to keep the cores busy. Batches shuffle the union of the members'
-    rows with the first weighting's seed.
+    fits its target (early stopping on its validation rows); each starts from its own
+    seed, and its best validation state is restored. One bank per kind of input (the
+    gate's, the weight generator's), members in the order given, all trained in one pass:
+    one at a time, each was a few hundred steps of a network too small to keep the cores
+    busy, and a bank of a few networks was a pass of per-step overhead. Batches shuffle the
+    union of the members' rows with the first weighting's seed.
     """
     device = torch.device(device)
-    groups = [g for g, w in enumerate(weightings) for _ in w.train_sets]
-    first = weightings[0].outputs
-    bank = GateBank(d_in, first.shape[1], first.shape[2], config,
-                    [w.seed + m for w in weightings for m in range(len(w.train_sets))])
-    if any(w.affine is not None for w in weightings):
-        identity = (np.ones(d_in, dtype=np.float32), np.zeros(d_in, dtype=np.float32))
-        affine = [w.affine or identity for w in weightings for _ in w.train_sets]
-        bank.set_input_scaling(np.stack([a for a, _ in affine]), np.stack([c for _, c in affine]))
-    banks = Banks({"weights": bank}, bf16=bf16).to(device)
-    criterion = _weighting_criterion(weightings, torch.tensor(groups, device=device),
+    every = [w for _, weightings in kinds.values() for w in weightings]
+    groups = [g for g, w in enumerate(every) for _ in w.train_sets]
+    first = every[0].outputs
+    banks: dict[str, GateBank] = {}
+    for name, (given, weightings) in kinds.items():
+        bank = banks[name] = GateBank(
+            given.d_in, first.shape[1], first.shape[2], config,
+            [w.seed + m for w in weightings for m in range(len(w.train_sets))])
+        if any(w.affine is not None for w in weightings):
+            identity = (np.ones(given.d_in, dtype=np.float32),
+                        np.zeros(given.d_in, dtype=np.float32))
+            affine = [w.affine or identity for w in weightings for _ in w.train_sets]
+            bank.set_input_scaling(np.stack([a for a, _ in affine]),
+                                   np.stack([c for _, c in affine]))
+    trained = Banks(banks, bf16=bf16).to(device)
+    criterion = _weighting_criterion(every, torch.tensor(groups, device=device),
                                      first.shape[1], expected, prior, device)
-    train_banks(banks, _reader(inputs, reads, source, device), criterion,
-                [rows for w in weightings for rows in w.train_sets],
-                [weightings[g].val_rows for g in groups], lr=lr, weight_decay=weight_decay,
+    train_banks(trained, _reader({n: given for n, (given, _) in kinds.items()}, source, device),
+                criterion, [rows for w in every for rows in w.train_sets],
+                [every[g].val_rows for g in groups], lr=lr, weight_decay=weight_decay,
                 batch_size=batch_size, max_epochs=max_epochs, patience=patience,
-                seed=weightings[0].seed)
-    return banks
+                seed=every[0].seed)
+    return trained
 
 
-def apply_weightings(banks: Banks, inputs: Inputs, reads: list[str], source: FeatureSource,
+def apply_weightings(banks: Banks, kind: str, given: WeightingInput, source: FeatureSource,
                      outputs: np.ndarray, rows: np.ndarray, classification: bool,
                      batch_size: int, members: slice = slice(None)
                      ) -> tuple[np.ndarray, np.ndarray]:
     """(mixtures (M, n, k), weights averaged over outputs (M, n, E)) for ``rows`` in order,
-    for ``members`` (default all) of a bank from ``fit_weightings`` mixing ``outputs``."""
-    device = next(banks.parameters()).device
-    index = torch.arange(banks.n_members, device=device)[members]
-    weights = predict_banks(banks, _reader(inputs, reads, source, device), rows, batch_size,
+    for ``members`` (default all) of the ``kind`` bank from ``fit_weightings`` mixing
+    ``outputs``."""
+    device = next(banks.banks[kind].parameters()).device
+    start = banks.offsets()[kind]
+    index = torch.arange(start, start + banks.banks[kind].n_members, device=device)[members]
+    weights = predict_banks(banks, _reader({kind: given}, source, device), rows, batch_size,
                             index)
     mixtures = mix(weights, torch.from_numpy(outputs[rows]).to(device), classification)
     return mixtures.float().cpu().numpy(), weights.mean(-1).float().cpu().numpy()

@@ -39,9 +39,9 @@ from stages.fit.bank import input_affine
 from stages.fit.bootstrap import intervals
 from stages.fit.combine import (
     Weighting,
+    WeightingInput,
     apply_weightings,
     confidence_weights,
-    fit_weightings,
     fixed_mixture,
     greedy_weights,
 )
@@ -236,14 +236,20 @@ def prefit_splits(task: Task, targets: Targets, source: FeatureSource,
         stacked = [np.stack([r.fits[b].outputs for b in names], axis=1) for r in requests]
         objectives = [_objective(task, targets, r.rows["train"], params)[0] for r in requests]
         jobs = [_gate_jobs(r.rows, subjects, params, r.seed) for r in requests]
-        gates = fit_gates(source, [
+        generator = _weight_generators(source, requests, stacked, objectives, base, scalings,
+                                       params)
+        gates, banks = fit_gates(source, [
             (Weighting(out, objective, [rows for rows, _ in own], r.rows["val"],
                        r.seed * 100 + 50, _affine(base[GATE], scaling[GATE])), own)
             for r, out, objective, own, scaling in zip(requests, stacked, objectives, jobs,
                                                       scalings, strict=True)],
-            config, settings, params.batch_size, device)
-        generated = _weight_generators(source, requests, stacked, objectives, base, scalings,
-                                       params)
+            config, settings, params.batch_size, device,
+            also={GENERATOR: generator[:2]} if generator else None)
+        generated = {} if not generator else {
+            i: {s: apply_weightings(banks, GENERATOR, generator[0], source, stacked[i],
+                                    requests[i].rows[s], objectives[i].classification,
+                                    params.batch_size, slice(m, m + 1))[0][0]
+                for s in ("val", "test")} for m, i in enumerate(generator[2])}
     finally:
         source.scaling = saved
     stacking = [i for i, r in enumerate(requests) if params.combiner == "select" or r.baselines]
@@ -260,16 +266,20 @@ def _by_job(jobs: list[Job], fitted: list[Fitted]) -> dict[str, Fitted]:
     return {job_key(job): fit for job, fit in zip(jobs, fitted, strict=True)}
 
 
+GENERATOR = "weight_generator"
+
+
 def _weight_generators(source: FeatureSource, requests: list[SplitRequest],
                        stacked: list[np.ndarray], objectives: list[Objective], base: dict,
-                       scalings: list[dict], params: FitParams) -> dict[int, dict]:
-    """EnECG's sample-aware weight generator for each split that fits the baselines: the
-    gate's network fed the experts' own features, fitted on out-of-fold outputs; its
-    mixtures on val and test, by request."""
+                       scalings: list[dict], params: FitParams
+                       ) -> tuple[WeightingInput, list[Weighting], list[int]] | None:
+    """EnECG's sample-aware weight generator of each split that fits the baselines (the
+    gate's network fed the experts' own features, fitted on out-of-fold outputs), trained
+    as a bank of the gates' pass: its input, its weightings, and their requests."""
     names = list(params.backbones)
     wanted = [i for i, r in enumerate(requests) if r.baselines]
     if not wanted:
-        return {}
+        return None
 
     def joined(scaling: dict) -> tuple[np.ndarray, np.ndarray]:
         return (np.concatenate([scaling[b][0] for b in names]),
@@ -279,15 +289,10 @@ def _weight_generators(source: FeatureSource, requests: list[SplitRequest],
         return np.concatenate([data[b] for b in names], axis=1)
 
     width = sum(source.dims()[b] for b in names)
-    banks = fit_weightings(width, inputs, names, source, [
+    return WeightingInput(width, inputs, names), [
         Weighting(stacked[i], objectives[i], [requests[i].rows["train"]],
                   requests[i].rows["val"], requests[i].seed * 100 + 60,
-                  _affine(joined(base), joined(scalings[i]))) for i in wanted],
-        _model_config(params), device=resolve_device(params.device), **_gate_settings(params))
-    return {i: {s: apply_weightings(banks, inputs, names, source, stacked[i],
-                                    requests[i].rows[s], objectives[i].classification,
-                                    params.batch_size, slice(m, m + 1))[0][0]
-                for s in ("val", "test")} for m, i in enumerate(wanted)}
+                  _affine(joined(base), joined(scalings[i]))) for i in wanted], wanted
 
 
 def _rows_digest(rows: dict[str, np.ndarray]) -> str:

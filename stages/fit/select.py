@@ -15,6 +15,7 @@ do."""
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from statistics import NormalDist
@@ -22,11 +23,13 @@ from statistics import NormalDist
 import numpy as np
 import torch
 
+from stages.fit.bank import Banks
 from stages.fit.combine import (
     Linear,
     PathGroup,
     Stacker,
     Weighting,
+    WeightingInput,
     apply_weightings,
     fit_weightings,
     fixed_mixture,
@@ -151,27 +154,34 @@ class Combiners:
         weighting = Weighting(self.stacked, self.objective, [rows for rows, _ in jobs],
                               self.val_rows, self.seed)
         return fit_gates(self.source, [(weighting, jobs)], self.config, self.gate_fit,
-                         self.batch_size, self.device)[0]
+                         self.batch_size, self.device)[0][0]
+
+
+GATE_INPUT = WeightingInput(0, lambda data: data[GATE], [GATE])  # d_in: the source's
 
 
 def fit_gates(source: FeatureSource, requests: list[tuple[Weighting, Sequence[Job]]],
               config: ModelConfig, settings: dict, batch_size: int,
-              device: torch.device | str) -> list[list[Fitted]]:
+              device: torch.device | str,
+              also: dict[str, tuple[WeightingInput, list[Weighting]]] | None = None
+              ) -> tuple[list[list[Fitted]], Banks]:
     """The MoE gates of several splits (each a ``Weighting`` of its jobs' rows, and the
-    jobs), trained as one bank (``fit_weightings``): per split, a ``Fitted`` per job, the
-    last with its network and its weights on its last row set (the kept gate)."""
-    banks = fit_weightings(source.dims()[GATE], _gate_input, [GATE], source,
-                           [weighting for weighting, _ in requests], config, device=device,
-                           **settings)
+    jobs), trained as one bank (``fit_weightings``), with ``also``'s networks (the weight
+    generator) as further banks of the same pass: per split, a ``Fitted`` per job, the
+    last with its network and its weights on its last row set (the kept gate); and the
+    banks."""
+    gate_input = dataclasses.replace(GATE_INPUT, d_in=source.dims()[GATE])
+    banks = fit_weightings({GATE_NAME: (gate_input, [w for w, _ in requests]), **(also or {})},
+                           source, config, device=device, **settings)
     applied, start = [], 0
     for weighting, jobs in requests:
-        applied.append([[apply_weightings(banks, _gate_input, [GATE], source,
+        applied.append([[apply_weightings(banks, GATE_NAME, gate_input, source,
                                           weighting.outputs, r,
                                           weighting.objective.classification, batch_size,
                                           slice(start + m, start + m + 1))
                          for r in targets] for m, (_, targets) in enumerate(jobs)])
         start += len(jobs)
-    bank = banks.banks["weights"].cpu()
+    bank = banks.banks[GATE_NAME].cpu()
     out, start = [], 0
     for (_, jobs), per_job in zip(requests, applied, strict=True):
         last = len(jobs) - 1
@@ -179,7 +189,7 @@ def fit_gates(source: FeatureSource, requests: list[tuple[Weighting, Sequence[Jo
                            bank.export(start + m) if m == last else None, sets[-1][1][0])
                     for m, sets in enumerate(per_job)])
         start += len(jobs)
-    return out
+    return out, banks
 
 
 @dataclass
@@ -218,10 +228,6 @@ def fit_stackers(requests: list[Stacking], balanced: bool) -> list[list[Fitted]]
                            [stacker.predict(r.stacked[rows]) for rows in targets])
                     for stacker, (_, targets) in zip(stackers, r.jobs, strict=True)])
     return out
-
-
-def _gate_input(data: dict[str, np.ndarray]) -> np.ndarray:
-    return data[GATE]
 
 
 def cross_validated_losses(learners: dict[str, Learner], train_rows: np.ndarray,
