@@ -5,8 +5,9 @@ params.yaml, runs ``fit-ensemble`` for each task and prints the wall time of eac
 
 * heads: every expert's cross-fitted heads, all seeds, trained in one batched pass;
 * probes: the cross-fitted linear probes (candidates and baselines);
-* gate: the MoE gate's fits (selection folds and the one kept, one bank per seed);
-* stacking: the stacker's fits; weight generator: EnECG's sample-aware weighting;
+* gate: the MoE gate's fits (selection folds and the one kept, of every split) and EnECG's
+  sample-aware weight generators, trained in one pass;
+* stacking: the stacker's fits;
 * bootstrap: the subject-bootstrap intervals; writing: models, predictions, metrics;
 * other: the rest (cheap candidates, scoring, the task's bookkeeping).
 
@@ -58,7 +59,6 @@ def _instrument() -> None:
     _timed(run, "fit_gates", "gate")
     _timed(run, "fit_stackers", "stacking")  # every split's, in prefit_splits
     _timed(select, "fit_stackers", "stacking")  # a stacker not fitted there
-    _timed(run, "_weight_generators", "weight generator")
     _timed(run, "intervals", "bootstrap")
     _timed(run.FitResult, "write", "writing")
 
@@ -103,8 +103,7 @@ def main() -> None:
     if not cohort.exists():
         raise SystemExit(f"{cohort} is missing: run `make demo` (or `dvc repro`) first")
     _instrument()
-    phases = ["heads", "probes", "gate", "stacking", "weight generator", "bootstrap",
-              "writing"]
+    phases = ["heads", "probes", "gate", "stacking", "bootstrap", "writing"]
     print("| task | " + " | ".join(phases) + " | other | total s |")
     print("|---" * (len(phases) + 3) + "|")
     total_fit = 0.0
@@ -119,8 +118,8 @@ def main() -> None:
         for task in args.tasks:
             total_fit += _row(task, lambda t=task: run.fit_task(t, fit, cohort, scratch).write(fit),
                               phases)
-        print(f"| **fit-ensemble, {len(args.tasks)} task(s)** | | | | | | | | | "
-              f"**{total_fit:.1f}** |")
+        print(f"| **fit-ensemble, {len(args.tasks)} task(s)** |" + " |" * (len(phases) + 1)
+              + f" **{total_fit:.1f}** |")
         if args.all:
             total_fit += _row("fit-ensemble --task all", lambda: fit_multitask(
                 fit, cohort, scratch, args.tasks), phases)
