@@ -33,6 +33,7 @@ from stages.fit.model import Gate, Head, ModelConfig
 
 FIRST_LAYER_CACHE_GB = 1.0  # per bank, for HeadBank.precompute
 MIN_STEPS = 10  # optimiser steps per epoch, at least, however small the training set
+EVAL_MEMBER_ROWS = 2**14  # members x rows per batch when measuring validation losses
 
 
 def batch_size_for(n_rows: int, batch_size: int) -> int:
@@ -330,7 +331,7 @@ class Banks(nn.Module):
         ``rows``: the batch's cohort rows."""
         if not self.bf16:
             return self._outputs(x, members, rows)
-        with torch.autocast(next(iter(x.values())).device.type, dtype=torch.bfloat16):
+        with torch.autocast(next(self.parameters()).device.type, dtype=torch.bfloat16):
             return self._outputs(x, members, rows).float()
 
     def _outputs(self, x: dict[str, torch.Tensor], members: torch.Tensor | None,
@@ -498,8 +499,22 @@ class Reader:
         order = rng.permutation(rows) if rng is not None else np.sort(rows)
         for start in range(0, len(order), batch_size):
             chunk = order[start: start + batch_size]
-            index = torch.from_numpy(chunk).to(self.device)
-            yield chunk, {name: x[index] for name, x in self.resident.items()}
+            yield chunk, _Rows(self.resident, torch.from_numpy(chunk).to(self.device))
+
+
+class _Rows(dict):
+    """A batch's rows of the resident arrays, each cut when a bank first reads it: once
+    a bank's members have all stopped, its expert's features are not copied for every
+    batch (in the demo's diagnosis fit, the tail of epochs where a few heads of one expert
+    still trained spent a quarter of its time on those copies)."""
+
+    def __init__(self, arrays: dict[str, torch.Tensor], index: torch.Tensor):
+        super().__init__()
+        self.arrays, self.index = arrays, index
+
+    def __missing__(self, name: str) -> torch.Tensor:
+        value = self[name] = self.arrays[name][self.index]
+        return value
 
 
 def _membership(rows: list[np.ndarray], n_rows: int, device: torch.device) -> torch.Tensor:
@@ -524,6 +539,9 @@ def _evaluate(banks: Banks, reader: Reader, criterion: Criterion, owned: torch.T
     members = active.nonzero()[:, 0]
     loss = torch.full((banks.n_members,), float("inf"), device=owned.device)
     totals = None
+    # no gradients: batches as large as the training step's activations, so the epochs
+    # where a few members still train do not pay per-batch overhead on their few products
+    batch_size = max(batch_size, EVAL_MEMBER_ROWS // max(len(members), 1))
     with torch.no_grad():
         for chunk, x in reader.batches(rows, batch_size, None):
             sums = criterion.sums(banks(x, members, _index(chunk, owned.device)), chunk,
