@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+import stages.fit.bank as bank_module
 from stages.fit.bank import (
     Banks,
     BatchedAdamW,
@@ -125,10 +126,13 @@ def test_a_member_trained_in_the_bank_predicts_what_it_predicts_alone(classifica
     assert not np.allclose(batched[0].numpy(), batched[2].numpy())
 
 
+@pytest.mark.parametrize("rows_per_output", [0, 1000])  # scaling on the weights, on the rows
 @pytest.mark.parametrize("classification", [False, True])
-def test_members_with_their_own_scaling_and_targets_train_as_they_would_alone(classification):
+def test_members_with_their_own_scaling_and_targets_train_as_they_would_alone(
+        classification, rows_per_output, monkeypatch):
     """Cross-validation folds in one bank: each member standardises the features and the
     target (or weighs the classes) by its own training rows."""
+    monkeypatch.setattr(bank_module, "ROWS_PER_OUTPUT", rows_per_output)
     source, objective = _data(classification)
     raw = source.take(np.arange(N), ["x"])["x"] * 3.0 + 5.0  # features far from scaled
     source = _source({"x": raw})
