@@ -34,6 +34,7 @@ from stages.fit.model import Gate, Head, ModelConfig
 FIRST_LAYER_CACHE_GB = 1.0  # per bank, for HeadBank.precompute
 MIN_STEPS = 10  # optimiser steps per epoch, at least, however small the training set
 EVAL_MEMBER_ROWS = 2**14  # members x rows per batch when measuring validation losses
+EVAL_MAX_ROWS = 4096
 ROWS_PER_OUTPUT = 3  # below, input scaling is applied to the rows (``_Stacked._project``)
 
 
@@ -548,7 +549,8 @@ def _evaluate(banks: Banks, reader: Reader, criterion: Criterion, owned: torch.T
     totals = None
     # no gradients: batches as large as the training step's activations, so the epochs
     # where a few members still train do not pay per-batch overhead on their few products
-    batch_size = max(batch_size, EVAL_MEMBER_ROWS // max(len(members), 1))
+    # (at most EVAL_MAX_ROWS rows: a batch copies every feature of its rows)
+    batch_size = max(batch_size, min(EVAL_MAX_ROWS, EVAL_MEMBER_ROWS // max(len(members), 1)))
     with torch.no_grad():
         for chunk, x in reader.batches(rows, batch_size, None):
             sums = criterion.sums(banks(x, members, _index(chunk, owned.device)), chunk,
