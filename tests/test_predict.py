@@ -48,7 +48,8 @@ def test_the_bundle_holds_models_metrics_fingerprints_and_a_card(trained_project
 
 def test_predict_on_the_training_ecgs_equals_the_fit_stage(trained_project, tmp_path):
     project = trained_project
-    """Every task's prediction, its experts' outputs and the gate weights, to 1e-5."""
+    """Every task's prediction (rr's value, sex's score and class, ad's class), each
+    expert's output (a value, a probability, a class) and the gate weights, to 1e-5."""
     out = tmp_path / "preds.parquet"
     result = _predict(project, project / "bundle", project / "raw", out)
     assert result.exit_code == 0, result.output
@@ -70,7 +71,9 @@ def test_predict_on_the_training_ecgs_equals_the_fit_stage(trained_project, tmp_
         for column in written.columns:
             if column.startswith("gate_"):
                 np.testing.assert_allclose(ours[f"{task}_{column}"], written[column], atol=1e-5)
-            elif column.startswith("expert_") and task == "rr":
+            elif column.startswith("expert_") and task == "ad":  # the expert's class
+                assert (ours[f"{task}_{column}"].to_numpy() == written[column].to_numpy()).all()
+            elif column.startswith("expert_"):
                 np.testing.assert_allclose(ours[f"{task}_{column}"], written[column],
                                            rtol=1e-5, atol=1e-5)
     metrics = json.loads((tmp_path / "preds.metrics.json").read_text())
