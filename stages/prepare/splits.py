@@ -15,8 +15,10 @@ def assign_splits(subjects: pd.Series, seed: int,
                   fractions: tuple[float, float, float] = (0.7, 0.2, 0.1)) -> pd.Series:
     """Map each row's subject to train/val/test; the same subjects and seed give the same split.
 
-    Subjects are ordered by a seeded hash of their id rather than by position, so a subject's
-    split does not change when records are added to or removed from the archive.
+    Subjects are ordered by a seeded hash of their id rather than by position, and each
+    split takes its exact share of that order: adding or removing patients moves only the
+    subjects near the two boundaries (``tests/test_splits_classes.py`` measures how many),
+    never a subject's ECGs apart.
     """
     if len(fractions) != 3 or any(f < 0 for f in fractions) or not np.isclose(sum(fractions), 1):
         raise ValueError(f"split fractions must be three non-negative numbers summing to 1, "
