@@ -14,6 +14,7 @@ import torch
 
 from pipeline.feature_cache import ArraySpec, CacheBuilder, CacheError, write_shard
 from pipeline.params import FitParams
+from stages.fit.bootstrap import intervals
 from stages.fit.model import Ensemble, ModelConfig
 from stages.fit.run import TaskSkipped, fit_task, load_model, write_skipped
 
@@ -75,8 +76,9 @@ def _params(**kw) -> FitParams:
 @pytest.mark.parametrize("task,better", [("rr", "lower"), ("age", "lower"), ("sex", "higher"),
                                          ("ad", "higher")])
 def test_the_ensemble_learns_and_beats_the_trivial_predictor(fake, task, better):
-    root, _ = fake
-    metrics = fit_task(task, _params(), root / "cohort.parquet", root / "cache").metrics
+    root, cohort = fake
+    result = fit_task(task, _params(), root / "cohort.parquet", root / "cache")
+    metrics = result.metrics
     name = metrics["metric"]
     ensemble = metrics["methods"]["ensemble"][name]["mean"]
     baseline = "mean_predictor" if better == "lower" else "majority"
@@ -91,7 +93,16 @@ def test_the_ensemble_learns_and_beats_the_trivial_predictor(fake, task, better)
                 "weak", "gate", "uniform", "greedy", "stacking", "weight_generator", "probe_strong",
                 "probe_weak"} | ({"confidence"} if better == "higher" else set())
     assert set(metrics["methods"]) == expected
-    assert metrics["methods"]["ensemble"][name]["ci"][0] <= ensemble
+    # the interval is the subject bootstrap of the ensemble's own test predictions, seeds
+    # averaged: recomputed from the predictions the fit writes
+    rows = result.predictions
+    seeds = [rows[rows.seed == s] for s in sorted(rows.seed.unique())]
+    subject_of = cohort.set_index("record_id")["subject_id"].astype(str)
+    again = intervals(name, seeds[0]["truth"].to_numpy(),
+                      {"ensemble": np.stack([s["prediction"].to_numpy() for s in seeds])},
+                      subject_of.loc[seeds[0]["record_id"]].to_numpy(), "ensemble",
+                      n_boot=_params().bootstrap)
+    assert metrics["methods"]["ensemble"][name]["ci"] == pytest.approx(again["ensemble"]["ci"])
     sources = metrics["sources"]  # evaluated (test) ECGs per archive, for the report
     assert set(sources) == {"synthetic"} and sum(sources.values()) == sum(metrics["n"].values()) \
         - metrics["n"]["train"] - metrics["n"]["val"]
