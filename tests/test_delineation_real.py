@@ -39,10 +39,11 @@ def test_annotations_give_physiological_reference_intervals():
         assert extreme["qrs"] >= ref["qrs"] and extreme["qt"] >= ref["qt"]
 
 
-@pytest.mark.parametrize("interval,limit", [("rr", 10), ("pr", 15), ("qrs", 10), ("qt", 30)])
+@pytest.mark.parametrize("interval,limit", [("rr", 4.5), ("pr", 10), ("qrs", 4.5), ("qt", 22)])
 def test_the_morphology_expert_stays_within_todays_accuracy(interval, limit):
-    """Mean absolute difference over the five records (ms). Today: rr 4, pr 9, qrs 4,
-    qt 21 (the README gives the whole database's figures against IEC 60601-2-51)."""
+    """Mean absolute difference over the five records (ms). Today (2026-12-08): rr 3.92,
+    pr 9.30, qrs 3.90, qt 20.80; the limits leave under 1.2 ms, less than a sample at
+    500 Hz (the README gives the whole database's figures against IEC 60601-2-51)."""
     errors = []
     for record in RECORDS:
         signal = wfdb.rdrecord(str(record)).p_signal.T.astype(np.float64)
