@@ -97,19 +97,25 @@ with staging.staged_dir(root / "out") as tmp:
     (False, "pipeline.staging.swap_paths", 1, "before"),
     (False, "pipeline.staging.swap_paths", 1, "after"),   # swapped, old not yet deleted
     (False, "shutil.rmtree", 1, "after"),
+    (False, "os.unlink", 1, "after"),   # while the old folder is being deleted
     (True, "os.replace", 1, "before"),
     (True, "os.replace", 1, "after"),   # between the fallback's two renames
     (True, "os.replace", 2, "after"),
+    (True, "os.unlink", 1, "after"),
 ])
 def test_a_published_folder_is_always_whole_old_or_whole_new(tmp_path, no_swap, target, nth,
                                                              when):
     out = tmp_path / "out"
     with staged_dir(out) as tmp:
         (tmp / "a.txt").write_text("old")
+        (tmp / "c.txt").write_text("old")
     old = _listing(out)
     new = {"a.txt": b"new", "b.txt": b"new"}
     _killed(_KILL_AT, target, str(nth), when,
             _REPLACE.format(root=str(tmp_path), no_swap=no_swap))
+    if target == "os.unlink":  # killed inside the deletion: half of the old folder is left
+        left = [_listing(p) for p in tmp_path.iterdir() if p.name.startswith(".")]
+        assert len(left) == 1 and len(left[0]) == 1 and left[0].items() <= old.items()
     if out.exists():
         assert _listing(out) in (old, new)
     else:  # only the fallback, between its two renames: the old folder waits under a name
