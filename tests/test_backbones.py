@@ -128,12 +128,21 @@ def test_timemoe_writes_and_reads_the_published_checkpoint_layout(tmp_path):
     torch.testing.assert_close(out["features"][:1], alone["features"], rtol=1e-4, atol=1e-5)
 
 
-def test_timemoe_is_causal_and_its_rotary_positions_are_relative():
-    from stages.extract.backbones.timemoe import TimeMoE, _rotate_half
+def test_timemoe_is_causal_and_its_rotary_positions_are_relative(monkeypatch):
+    from stages.extract.backbones.timemoe import Attention, TimeMoE, _rotate_half
 
     torch.manual_seed(0)
     backbone = create_backbone("timemoe")
     model = backbone.build_random(0).eval()
+    assert isinstance(model, TimeMoE)
+    seen: dict[str, torch.Tensor] = {}  # the angles the model's attention is given
+    real = Attention.forward
+
+    def recording(self, x, cos, sin):
+        seen["cos"], seen["sin"] = cos, sin
+        return real(self, x, cos, sin)
+
+    monkeypatch.setattr(Attention, "forward", recording)
     x = torch.randn(2, 64)
     changed = x.clone()
     changed[:, 40:] = torch.randn(2, 24)
@@ -141,21 +150,21 @@ def test_timemoe_is_causal_and_its_rotary_positions_are_relative():
         a, b = model.model(x), model.model(changed)
     torch.testing.assert_close(a[:, :40], b[:, :40])  # a step never sees later steps
     assert not torch.allclose(a[:, 40:], b[:, 40:])
-    # rotary: the score of a query at i and a key at j depends on i - j only
-    dim, theta = 8, 10000.0
-    inv = 1.0 / theta ** (torch.arange(0, dim, 2).float() / dim)
-    angles = torch.outer(torch.arange(20).float(), inv)
-    angles = torch.cat([angles, angles], -1)
-    q, k = torch.randn(dim), torch.randn(dim)
+    # rotary, as the model applies it: the score of a query at i and a key at j depends on
+    # i - j only, and on it
+    cos, sin = seen["cos"], seen["sin"]
+    q, k = torch.randn(cos.shape[-1]), torch.randn(cos.shape[-1])
 
     def rotate(v, i):
-        return v * angles[i].cos() + _rotate_half(v) * angles[i].sin()
+        return v * cos[i] + _rotate_half(v) * sin[i]
 
     scores = {(i, j): float(rotate(q, i) @ rotate(k, j)) for i in range(20) for j in range(20)}
+    by_offset = {}
     for offset in (0, 3, 7):
         same = [s for (i, j), s in scores.items() if i - j == offset]
         assert max(same) - min(same) < 1e-4
-    assert isinstance(model, TimeMoE)
+        by_offset[offset] = same[0]
+    assert len({round(v, 3) for v in by_offset.values()}) == 3
 
 
 def test_timemoe_routes_to_the_top_experts_without_renormalising():
