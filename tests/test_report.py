@@ -193,6 +193,32 @@ def test_plots_are_written_and_linked(report):
     assert not list((report.parent / "plots").glob("ka_*"))
 
 
+def test_a_report_stopped_while_drawing_leaves_the_previous_plots_whole(tmp_path,
+                                                                         monkeypatch):
+    import stages.report.plots as plots
+
+    metrics_dir, predictions_dir = _write_inputs(tmp_path, random=True)
+    out = tmp_path / "reports"
+    summary = write_report(metrics_dir, predictions_dir, out)
+    before = {p.name: p.read_bytes() for p in (out / "plots").iterdir()}
+    text = summary.read_text()
+    real, calls = plots.plot_gate_weights, [0]
+
+    def stopped_at_the_third(*args, **kwargs):  # after the first tasks' plots are drawn
+        calls[0] += 1
+        if calls[0] == 3:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(plots, "plot_gate_weights", stopped_at_the_third)
+    (predictions_dir / "rr.parquet").write_bytes((predictions_dir / "age.parquet").read_bytes())
+    with pytest.raises(KeyboardInterrupt):
+        write_report(metrics_dir, predictions_dir, out)
+    assert {p.name: p.read_bytes() for p in (out / "plots").iterdir()} == before
+    assert summary.read_text() == text
+    assert sorted(p.name for p in out.iterdir()) == ["plots", "summary.md"]  # no leftovers
+
+
 def test_missing_and_broken_inputs_do_not_crash(tmp_path):
     metrics_dir, predictions_dir = _write_inputs(tmp_path, random=True)
     (metrics_dir / "ad.json").unlink()

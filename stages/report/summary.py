@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from pipeline.staging import staged_file
+from pipeline.staging import staged_dir, staged_file
 from stages.report import plots
 
 TASKS = ("rr", "age", "sex", "ka", "ad")
@@ -106,8 +106,12 @@ def write_report(metrics_dir: Path, predictions_dir: Path, out_dir: Path,
     fitted = {task: m for task, m in tasks.items() if not m.get("skipped")}
     plot_links: dict[str, list[tuple[str, str]]] = {}
     plot_notes: dict[str, list[str]] = {}
-    for task, metrics in fitted.items():
-        plot_links[task], plot_notes[task] = _task_plots(task, metrics, predictions_dir, out_dir)
+    # every plot into one staged folder, published whole: a run stopped while drawing
+    # leaves the previous run's plots, never some of each (nor plots of tasks since dropped)
+    with staged_dir(out_dir / "plots") as plots_dir:
+        for task, metrics in fitted.items():
+            plot_links[task], plot_notes[task] = _task_plots(task, metrics, predictions_dir,
+                                                             plots_dir)
     lines = [
         "# EnECG report",
         "",
@@ -369,8 +373,9 @@ def _plots_section(links: dict[str, list[tuple[str, str]]],
 
 
 def _task_plots(task: str, metrics: dict, predictions_dir: Path,
-                out_dir: Path) -> tuple[list[tuple[str, str]], list[str]]:
-    """Draw the task's plots; a plot that cannot be drawn becomes a note, not a crash."""
+                plots_dir: Path) -> tuple[list[tuple[str, str]], list[str]]:
+    """Draw the task's plots into ``plots_dir`` (linked as ``plots/<name>``); a plot that
+    cannot be drawn becomes a note, not a crash."""
     path = predictions_dir / f"{task}.parquet"
     if not path.is_file():
         return [], [f"no plots ({path.name} is absent)"]
@@ -388,13 +393,13 @@ def _task_plots(task: str, metrics: dict, predictions_dir: Path,
     else:
         notes.append(f"no main plot for kind {kind!r}")
     for caption, name, draw in jobs:
-        target = out_dir / "plots" / f"{task}_{name}.png"
+        target = plots_dir / f"{task}_{name}.png"
         try:
             draw(frame, task=task, path=target)
         except _PLOT_ERRORS as err:
             notes.append(f"no {caption} plot ({_one_line(err)})")
         else:
-            links.append((caption, target.relative_to(out_dir).as_posix()))
+            links.append((caption, f"plots/{target.name}"))
     return links, notes
 
 
