@@ -1,6 +1,6 @@
 """The five tasks: how a cohort column becomes targets, and how predictions are scored.
 
-Metrics follow DESIGN.md: the paper's headline metric first (MAE for rr/age, F1 for sex/ka,
+Metrics: the EnECG paper's headline metric first (MAE for rr/age, F1 for sex/ka,
 accuracy for ad) and the ones a reader needs beside it (median AE and R² for regression;
 AUROC, and AUPRC for the rare ``ka``; macro-F1 and balanced accuracy for ``ad``).
 """

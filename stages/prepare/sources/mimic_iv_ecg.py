@@ -1,7 +1,7 @@
 """MIMIC-IV-ECG: WFDB records listed in record_list.csv, labels from the machine measurements
 and, when the MIMIC-IV ``hosp`` module is available, from patients and potassium labs.
 
-Label rules (DESIGN.md):
+Label rules (the README's "Preparing an archive", under "Labels"):
 * ``rr``: ``rr_interval`` in ms; values outside [200, 3000] ms (the 29999 sentinel, zeros)
   are missing.
 * ``age``: anchor_age + year(ecg_time) - anchor_year; ``sex``: ``gender``.
